@@ -1,0 +1,58 @@
+"""OpenCLIP image towers, tapped at ``resblocks.{i}.ln_2`` and the projected output."""
+
+from __future__ import annotations
+
+import open_clip
+from torch import nn
+
+from alfusion.backbones.hub import load_from_hub
+from alfusion.backbones.taps import TappedBackbone
+
+
+def tap_names(depth: int, tap: str, final: str) -> list[str]:
+    """Module names (relative to the image tower) for layers 1..L.
+
+    final "norm": the tower's output with no pooling, after ln_post and the projection (the
+    paper's last layer, narrower than the blocks); "block": the last block's raw output.
+    """
+    suffix = {"norm2": ".ln_2", "block": ""}[tap]
+    names = [f"transformer.resblocks.{i}{suffix}" for i in range(1, depth)]
+    names.append({"norm": "", "block": f"transformer.resblocks.{depth - 1}"}[final])
+    return names
+
+
+def create(cfg) -> tuple[nn.Module, object]:
+    """The OpenCLIP image tower of ``cfg`` and its eval preprocessing."""
+    pretrained = None
+    if cfg.get("pretrained", True) is not False:
+        pretrained = str(cfg.weights) if cfg.get("weights") else cfg.get("tag", "openai")
+
+    def load():
+        return open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
+
+    if pretrained is None or cfg.get("weights"):
+        model, _, preprocess = load()
+    else:
+        model, _, preprocess = load_from_hub(
+            load, what=f"OpenCLIP {cfg.name} ({pretrained})", key="backbone.weights")
+    return model.visual, preprocess
+
+
+def tap_model(visual: nn.Module, preprocess, cfg) -> tuple[TappedBackbone, object]:
+    if getattr(visual, "attn_pool", None) is not None:
+        raise ValueError(f"{cfg.name}: attentional-pool image towers are not supported")
+    # No pooling: the tower then returns every token, after ln_post and the projection.
+    visual.pool_type = "none"
+    visual.output_tokens = False
+    depth = len(visual.transformer.resblocks)
+    width = visual.transformer.width
+    final = cfg.get("final", "norm")
+    out_dim = visual.proj.shape[1] if (visual.proj is not None and final == "norm") else width
+    tapped = TappedBackbone(
+        visual,
+        run=visual,
+        tap_names=tap_names(depth, cfg.get("tap", "norm2"), final),
+        num_prefix_tokens=1,
+        dims=[width] * (depth - 1) + [out_dim],
+    )
+    return tapped, preprocess

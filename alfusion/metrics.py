@@ -1,0 +1,33 @@
+"""Classification metrics: balanced accuracy (the headline), top-1, top-5, per-class recall."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+)
+
+
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
+                           num_classes: int) -> dict:
+    """logits (N, C), targets (N,) -> bal_acc, acc1, acc5 (if C >= 5), per_class_recall.
+
+    Balanced accuracy is the mean recall over the classes present in ``targets``; absent
+    classes are left out rather than counted as zero. per_class_recall has NaN for them.
+    """
+    logits, targets = logits.float().cpu(), targets.long().cpu()
+    confusion = multiclass_confusion_matrix(logits, targets, num_classes).double()
+    support = confusion.sum(dim=1)
+    recall = confusion.diagonal() / support.clamp(min=1)
+    recall[support == 0] = float("nan")
+    present = support > 0
+    out = dict(
+        bal_acc=float(recall[present].mean()),
+        acc1=float(multiclass_accuracy(logits, targets, num_classes, average="micro")),
+        per_class_recall=[float(r) for r in recall],
+    )
+    if num_classes >= 5:
+        out["acc5"] = float(multiclass_accuracy(logits, targets, num_classes, top_k=5,
+                                                average="micro"))
+    return out

@@ -1,0 +1,107 @@
+"""The hyper-parameter search of PROTOCOL.md 3: grid -> select on validation -> refit -> test.
+
+How a grid is trained is behind ``train_grid``: the search only needs, for each configuration,
+a trained model to score. Validation is a stratified 20 % of the train split with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from alfusion.metrics import classification_metrics
+from alfusion.training import HParams, fit_probe, predict
+
+
+def expand_grid(search_cfg, attentive: bool) -> list[HParams]:
+    """lr x wd x dropout in the config's order; dropout only for attentive probes."""
+    dropouts = list(search_cfg.dropout) if attentive else [0.0]
+    return [HParams(float(lr), float(wd), float(d))
+            for lr, wd, d in itertools.product(search_cfg.lr, search_cfg.wd, dropouts)]
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, validation indices): ``fraction`` of every class held out."""
+    index = np.arange(len(labels))
+    fit, val = train_test_split(index, test_size=fraction, random_state=seed,
+                                stratify=labels.cpu().numpy())
+    return np.sort(fit), np.sort(val)
+
+
+def few_shot(labels: torch.Tensor, index: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """K samples per class drawn (with ``seed``) from ``index`` only."""
+    rng = np.random.default_rng(seed)
+    y = labels.cpu().numpy()[index]
+    chosen = []
+    for c in np.unique(y):
+        members = index[y == c]
+        chosen.append(rng.choice(members, size=min(k, len(members)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+@dataclass
+class SearchResult:
+    best: HParams
+    model: torch.nn.Module  # the refit ProbeModule
+    val: dict  # metrics of the chosen configuration on the validation split
+    test: dict
+    grid: list[dict] = field(default_factory=list)  # every configuration with its val metrics
+    fit_samples: int = 0
+    steps: int = 0
+    search_seconds: float = 0.0
+    fit_seconds: float = 0.0
+
+
+def train_grid(configs: list[HParams], make_probe: Callable, x, y, num_classes, train_cfg,
+               trainer_cfg, seed) -> list[torch.nn.Module]:
+    """Train every configuration on (x, y); one after another."""
+    return [fit_probe(make_probe(hp), hp, x, y, num_classes, train_cfg, trainer_cfg, seed)
+            for hp in configs]
+
+
+def run_search(make_probe: Callable[[HParams], torch.nn.Module], configs: list[HParams],
+               train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+               num_classes: int, cfg, logger=False) -> SearchResult:
+    """Select among ``configs`` on a validation split of ``train``, refit, evaluate on test.
+
+    With one configuration and ``search.validate`` false, selection is skipped. ``logger``
+    receives the final fit's training curve.
+    """
+    x, y = train
+    search_cfg = cfg.search
+    fit_idx, val_idx = stratified_split(y, search_cfg.val_fraction, search_cfg.val_seed)
+    final_idx = np.arange(len(y))
+    if cfg.get("fewshot_k"):
+        fit_idx = few_shot(y, fit_idx, cfg.fewshot_k, cfg.seed)
+        final_idx = fit_idx  # the final fit never sees a validation sample
+    t0 = time.perf_counter()
+    grid, val = [], {}
+    best = configs[0]
+    if len(configs) > 1 or search_cfg.validate:
+        models = train_grid(configs, make_probe, x[fit_idx], y[fit_idx], num_classes,
+                            cfg.train, cfg.trainer, cfg.seed)
+        for hp, model in zip(configs, models, strict=True):
+            metrics = classification_metrics(predict(model, x[val_idx]), y[val_idx], num_classes)
+            grid.append(dict(hp.__dict__, **{k: v for k, v in metrics.items()
+                                              if k != "per_class_recall"}))
+        scores = [g["bal_acc"] for g in grid]
+        chosen = int(np.argmax(scores))  # first of equals: grid order breaks ties
+        best = configs[chosen]
+        val = classification_metrics(predict(models[chosen], x[val_idx]), y[val_idx],
+                                     num_classes)
+    search_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = fit_probe(make_probe(best), best, x[final_idx], y[final_idx], num_classes,
+                      cfg.train, cfg.trainer, cfg.seed, logger=logger)
+    fit_seconds = time.perf_counter() - t0
+    test_metrics = classification_metrics(predict(model, test[0]), test[1], num_classes)
+    return SearchResult(best, model, val, test_metrics, grid, fit_samples=len(final_idx),
+                        steps=model.fit_info["steps"], search_seconds=search_seconds,
+                        fit_seconds=fit_seconds)

@@ -1,0 +1,81 @@
+"""MLflow tracking through Lightning's MLFlowLogger: one run per experiment command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Param
+from omegaconf import OmegaConf
+
+MAX_PARAM_LENGTH = 500
+
+
+def make_logger(cfg) -> MLFlowLogger | None:
+    """The run's MLflow logger (SQLite store under outputs/ by default), or None."""
+    log_cfg = cfg.logger
+    if log_cfg.get("name", "mlflow") != "mlflow":
+        return None
+    artifacts = log_cfg.get("artifact_location")
+    if artifacts and "://" not in artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        artifacts = Path(artifacts).resolve().as_uri()
+    uri = log_cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    tags = {k: str(v) for k, v in (log_cfg.get("tags") or {}).items()}
+    return MLFlowLogger(experiment_name=log_cfg.experiment, run_name=log_cfg.get("run_name"),
+                        tracking_uri=uri, tags=tags or None, artifact_location=artifacts)
+
+
+def flat_params(cfg) -> dict[str, str]:
+    """The resolved config flattened to ``a/b/c`` keys, values cut to MLflow's limits."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}/")
+        else:
+            out[prefix.rstrip("/")] = str(node)[:MAX_PARAM_LENGTH]
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def log_config(logger: MLFlowLogger | None, cfg, run_dir: Path) -> None:
+    """Flattened config as params, the whole resolved YAML as an artifact."""
+    path = run_dir / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log_params(logger, flat_params(cfg))
+    log_artifact(logger, path)
+
+
+def log_params(logger: MLFlowLogger | None, params: dict) -> None:
+    if logger is None:
+        return
+    items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        logger.experiment.log_batch(logger.run_id, params=items[i:i + 100])
+
+
+def log_metrics(logger: MLFlowLogger | None, metrics: dict[str, float], step: int = 0) -> None:
+    if logger is not None:
+        logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(logger: MLFlowLogger | None, path: Path, folder: str | None = None) -> None:
+    if logger is not None:
+        logger.experiment.log_artifact(logger.run_id, str(path), folder)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def finish(logger: MLFlowLogger | None, ok: bool) -> None:
+    """Mark the run FINISHED or FAILED (a fit may already have marked it finished)."""
+    if logger is not None:
+        logger.experiment.set_terminated(logger.run_id, "FINISHED" if ok else "FAILED")
