@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import open_clip
+import torch
 from torch import nn
 
 from alfusion.backbones.hub import load_from_hub
@@ -30,7 +31,11 @@ def create(cfg) -> tuple[nn.Module, object]:
     def load():
         return open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
 
-    if pretrained is None or cfg.get("weights"):
+    if pretrained is None:
+        with torch.random.fork_rng():  # random weights: the same in every process
+            torch.manual_seed(cfg.get("init_seed", 0))
+            model, _, preprocess = load()
+    elif cfg.get("weights"):
         model, _, preprocess = load()
     else:
         model, _, preprocess = load_from_hub(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import timm
+import torch
 from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
@@ -24,11 +25,14 @@ def tap_names(depth: int, tap: str, final: str) -> list[str]:
 
 def create(cfg) -> nn.Module:
     """The timm model of ``cfg`` with pretrained weights (hub, or cfg.weights file)."""
-    kwargs = dict(num_classes=0)
+    kwargs = dict(num_classes=0, **(cfg.get("model_kwargs") or {}))
     if cfg.get("img_size"):
         kwargs["img_size"] = cfg.img_size
     if cfg.get("pretrained", True) is False:
-        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+        # Random weights (tests, smoke runs): seeded, so every process builds the same model.
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.get("init_seed", 0))
+            return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.get("weights"):
         overlay = dict(file=str(cfg.weights))
         return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay,

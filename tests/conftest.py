@@ -1,0 +1,56 @@
+"""Shared test set-up: offline hubs, tiny settings, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["ALFUSION_NO_PROGRESS"] = "1"
+
+import alfusion  # noqa: E402,F401  (torchvision fix before anything imports it)
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A tiny, fast experiment: random 4-block ViT at 32 px, 60 train / 40 test digits, short fits.
+TINY = [
+    "backbone=tiny_vit",
+    "dataset.limit=60",
+    "train.min_steps=20",
+    "train.epochs=2",
+    "trainer.progress_bar=false",
+]
+
+
+def tiny_overrides(root: Path, *extra: str) -> list[str]:
+    """Overrides for a tiny run whose outputs (cache, MLflow store, runs) live under root."""
+    return [*TINY, f"paths.root={root}", *extra]
+
+
+def compose_config(*overrides: str):
+    """The composed Hydra config, as the CLI would see it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True
+            ) -> subprocess.CompletedProcess:
+    """``python -m alfusion ARGS`` in a subprocess; returns the finished process."""
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    proc = subprocess.run([sys.executable, "-m", "alfusion", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"alfusion {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Overrides for a tiny run under this test's temporary folder."""
+    return tiny_overrides(tmp_path)
