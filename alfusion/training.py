@@ -93,8 +93,7 @@ class ProbeModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step} "
                                 f"of configuration {self.hp.name}")
-        if self.global_step % 25 == 0:
-            self.log("train/loss", loss, on_step=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)  # sent every 25 steps
         return loss
 
     def configure_optimizers(self):
