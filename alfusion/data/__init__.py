@@ -1,21 +1,76 @@
-"""Image sources: ``build_dataset(cfg, split, transform)`` -> a Dataset of (image, label)."""
+"""Image sources: ``build_dataset(cfg, split, transform)`` -> a Dataset of (image, label).
+
+Sources (``dataset.source``): ``digits`` (bundled, the offline default), ``wds`` (clip_benchmark
+webdataset, local folder or Hugging Face), ``folder`` (``root/{train,test}/<class>/<image>``).
+Building a source checks its layout, labels and emptiness, so bad input fails before any work.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from alfusion.data.digits import DigitsDataset
+from alfusion.data.folder import ImageFolderSource
+from alfusion.data.shards import is_remote
+from alfusion.data.wds import DatasetUnavailable, WebDatasetSource, read_split, wds_source
+
+SOURCES = ("digits", "wds", "folder")
 
 
-def build_dataset(cfg, split: str, transform) -> Dataset:
+def build_dataset(cfg, split: str, transform=None) -> Dataset:
     """The ``split`` ("train" | "test") of the dataset in a ``conf/dataset`` config."""
     if cfg.source == "digits":
         return DigitsDataset(split, transform, test_fraction=cfg.test_fraction,
                              seed=cfg.split_seed, limit=cfg.get("limit"))
-    raise ValueError(f"unknown dataset source {cfg.source!r}")
+    if cfg.source == "wds":
+        return wds_source(cfg, split, transform)
+    if cfg.source == "folder":
+        if not cfg.get("root"):
+            raise DatasetUnavailable("dataset=folder needs dataset.root=PATH "
+                                     "(PATH/{train,test}/<class>/<image>)")
+        source = ImageFolderSource(cfg.root, split, transform, limit=cfg.get("limit"))
+        expected = cfg.get("num_classes")
+        if expected is not None and expected != source.num_classes:
+            raise DatasetUnavailable(f"image folder {source.root} has {source.num_classes} "
+                                     f"class folders but dataset.num_classes={expected}")
+        return source
+    raise ValueError(f"unknown dataset source {cfg.source!r}: use one of {SOURCES}")
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """The same source with ``transform`` applied to its PIL images."""
+    if isinstance(dataset, WebDatasetSource):
+        return dataset.with_transform(transform)
+    dataset.transform = transform
+    return dataset
 
 
 def dataset_identity(cfg) -> dict:
-    """Everything that decides which images (in which order) a split holds: for fingerprints."""
-    keys = ("source", "name", "root", "url", "test_fraction", "split_seed", "limit")
-    return {k: cfg.get(k) for k in keys if cfg.get(k) is not None}
+    """Everything that decides which images (in which order) a split holds: for fingerprints.
+    A local root counts by its absolute path, so the working directory does not matter."""
+    keys = ("source", "name", "hf_name", "root", "url", "test_fraction", "split_seed", "limit")
+    identity = {k: cfg.get(k) for k in keys if cfg.get(k) is not None}
+    if identity.get("root") and not is_remote(str(identity["root"])):
+        identity["root"] = str(Path(identity["root"]).expanduser().resolve())
+    return identity
+
+
+def split_signature(cfg, split: str) -> str | None:
+    """A cheap digest of a local split's files (names and sizes), so that replacing the data in
+    the same folder makes a new cache entry. None for bundled or streamed data."""
+    root = cfg.get("root")
+    if cfg.source not in ("wds", "folder") or not root or is_remote(str(root)):
+        return None
+    root = Path(root).expanduser().resolve()
+    if cfg.source == "wds":
+        files = [Path(s) for s in read_split(str(root), split).shards] + [root / "classnames.txt"]
+    else:
+        files = sorted(p for p in (root / split).rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(root)}:{os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()[:16]

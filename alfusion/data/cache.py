@@ -15,6 +15,8 @@ partial folder never looks like an entry, and an interrupted build resumes from 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -68,6 +70,18 @@ class FeatureCache:
         digest = fingerprint_hash(fingerprint)
         return self.root / f"{name}-{digest}", self.root / f".{name}-{digest}.partial"
 
+    @contextlib.contextmanager
+    def lock(self, fingerprint: dict, name: str = "features"):
+        """Hold an exclusive lock on one entry while it is built: two runs (parallel sweep jobs)
+        never write the same partial folder; the second finds the entry complete."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{name}-{fingerprint_hash(fingerprint)}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def load(self, fingerprint: dict, name: str = "features") -> CacheEntry | None:
         """The complete entry for ``fingerprint``, None if there is none.
 
@@ -82,8 +96,11 @@ class FeatureCache:
         try:
             meta = json.loads(meta_file.read_text())
         except (OSError, ValueError) as err:
-            raise CacheMismatch(f"cache entry {final} has no readable meta.json ({err}); {fix}")
+            raise CacheMismatch(
+                f"cache entry {final} has no readable meta.json ({err}); {fix}") from err
         expected = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        if not isinstance(meta.get("rows"), int) or not isinstance(meta.get("arrays"), dict):
+            raise CacheMismatch(f"cache entry {final}: meta.json lacks rows/arrays; {fix}")
         if meta.get("fingerprint") != expected:
             raise CacheMismatch(f"cache entry {final} was built with other settings; {fix}")
         entry = CacheEntry(final, meta)
@@ -91,7 +108,8 @@ class FeatureCache:
             try:
                 array = entry.array(name_)
             except (OSError, ValueError) as err:
-                raise CacheMismatch(f"cache entry {final}: {name_}.npy unreadable ({err}); {fix}")
+                raise CacheMismatch(
+                    f"cache entry {final}: {name_}.npy unreadable ({err}); {fix}") from err
             if list(array.shape) != shape or array.shape[0] != meta["rows"]:
                 raise CacheMismatch(f"cache entry {final}: {name_}.npy has shape "
                                     f"{list(array.shape)}, meta.json says {shape}; {fix}")
@@ -110,14 +128,74 @@ class EntryWriter:
         self.fingerprint = fingerprint
         self.final, self.partial = cache.paths(fingerprint, name)
         self.partial.mkdir(parents=True, exist_ok=True)
-        (self.partial / "fingerprint.json").write_text(
-            json.dumps(fingerprint, sort_keys=True, default=str, indent=1))
+        record = self.partial / "fingerprint.json"
+        text = json.dumps(fingerprint, sort_keys=True, default=str, indent=1)
+        if record.exists() and record.read_text() != text:
+            raise CacheMismatch(f"partial cache entry {self.partial} was started with other "
+                                f"settings; delete it to start again")
+        record.write_text(text)
+        for stale in self.partial.glob("tmp-chunk-*"):
+            stale.unlink()  # a chunk whose writer was killed before its rename: never complete
 
     def chunks(self) -> list[Path]:
         return sorted(self.partial.glob("chunk-*.npz"))
 
     def done_rows(self) -> int:
-        return sum(int(np.load(c)["labels"].shape[0]) for c in self.chunks())
+        """Rows in the complete chunks: where an interrupted extraction resumes.
+
+        Chunk files are renamed into place only once written, so each one is complete; one that
+        cannot be read anyway (a damaged disk) is refused with the fix, never skipped over.
+        """
+        rows, names = 0, None
+        for index, chunk in enumerate(self.chunks()):
+            if chunk.name != f"chunk-{index:06d}.npz":
+                raise CacheMismatch(f"partial cache entry {self.partial}: chunk {index} is "
+                                    f"missing before {chunk.name}; delete the folder to restart")
+            try:
+                with np.load(chunk) as data:
+                    files = sorted(data.files)
+                    n = int(data["labels"].shape[0])
+            except Exception as err:  # zipfile/pickle/OS errors of a damaged file
+                raise CacheMismatch(f"partial cache entry {self.partial}: {chunk.name} is "
+                                    f"damaged ({err}); delete it and later chunks to resume "
+                                    "before it") from err
+            if names is not None and files != names:
+                raise CacheMismatch(f"partial cache entry {self.partial}: {chunk.name} holds "
+                                    f"{files}, earlier chunks {names}; delete the folder")
+            names = files
+            rows += n
+        return rows
+
+    def mark_complete(self) -> None:
+        """Record that every row of this writer's data is in its chunks (DDP parts)."""
+        (self.partial / "complete").write_text(str(self.done_rows()))
+
+    def is_complete(self) -> bool:
+        return (self.partial / "complete").exists()
+
+    def adopt_chunks(self, parts: list[EntryWriter]) -> None:
+        """Make this writer's chunks the chunks of ``parts``, in order (DDP merge on rank 0).
+
+        Chunks are hard-linked (copied where links are impossible), so the parts stay intact
+        until the merged entry is promoted, and a crash mid-merge can simply merge again.
+        """
+        for old in self.chunks():
+            old.unlink()
+        index = 0
+        for part in parts:
+            if not part.is_complete():
+                raise CacheMismatch(f"DDP part {part.partial} is not complete: a rank stopped "
+                                    "early; rerun the extraction")
+            for chunk in part.chunks():
+                target = self.partial / f"chunk-{index:06d}.npz"
+                try:
+                    os.link(chunk, target)
+                except OSError:
+                    shutil.copyfile(chunk, target)
+                index += 1
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def write_chunk(self, arrays: dict[str, np.ndarray]) -> None:
         index = len(self.chunks())
@@ -129,6 +207,7 @@ class EntryWriter:
         os.replace(tmp, self.partial / f"chunk-{index:06d}.npz")
 
     def finish(self, extra_meta: dict | None = None) -> CacheEntry:
+        self.done_rows()  # refuses damaged or missing chunks
         chunks = [np.load(c) for c in self.chunks()]
         if not chunks:
             raise ValueError(f"no rows were extracted for {self.final.name}: the split is empty")
@@ -152,9 +231,11 @@ class EntryWriter:
                                                       default=str)),
                     rows=rows, arrays=shapes, **(extra_meta or {}))
         (self.partial / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for c in self.chunks():
-            c.unlink()
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.partial, self.final)
+        # Chunks go only after the promotion: a kill before it leaves a resumable partial.
+        for c in self.final.glob("chunk-*.npz"):
+            c.unlink()
+        (self.final / "complete").unlink(missing_ok=True)
         return CacheEntry(self.final, meta)

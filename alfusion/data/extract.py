@@ -9,25 +9,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
-from alfusion.data import build_dataset, dataset_identity
+from alfusion.data import build_dataset, dataset_identity, split_signature, with_transform
 from alfusion.data.cache import CacheEntry, EntryWriter, FeatureCache
+from alfusion.data.wds import WebDatasetSource, part_of_stream
 
 FORMAT_VERSION = 1  # bump when the meaning of stored arrays changes
 
 
 def weights_identity(path: str | None) -> dict | None:
-    """A local weights file is identified by its absolute path, size and modification time."""
+    """A local weights file (or folder: every file in it) is identified by its absolute path,
+    sizes and modification times: cheap, and any rewrite of the weights changes it."""
     if not path:
         return None
     p = Path(path).expanduser().resolve()
     if not p.exists():
-        raise FileNotFoundError(f"backbone.weights={path}: no such file")
-    stat = p.stat()
-    return dict(path=str(p), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        raise FileNotFoundError(f"backbone.weights={path}: no such file or folder")
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    stats = [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat()) for f in files]
+    return dict(path=str(p), size=sum(s.st_size for _, s in stats),
+                mtime_ns=max((s.st_mtime_ns for _, s in stats), default=0),
+                files=len(stats))
 
 
 def feature_fingerprint(cfg, split: str) -> dict:
@@ -35,7 +41,7 @@ def feature_fingerprint(cfg, split: str) -> dict:
     dataset identity, split, token kinds."""
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone["weights"] = weights_identity(backbone.get("weights"))
-    return dict(
+    fingerprint = dict(
         format=FORMAT_VERSION,
         backbone=backbone,
         dataset=dataset_identity(cfg.dataset),
@@ -43,6 +49,10 @@ def feature_fingerprint(cfg, split: str) -> dict:
         all_tokens=bool(cfg.probe.tokens == "all"),
         dtype="float16",
     )
+    files = split_signature(cfg.dataset, split)
+    if files is not None:
+        fingerprint["data_files"] = files
+    return fingerprint
 
 
 def autocast(device: torch.device):
@@ -55,26 +65,32 @@ def autocast(device: torch.device):
 @torch.inference_mode()
 def extract(backbone, dataset: Dataset, writer: EntryWriter, batch_size: int = 64,
             num_workers: int = 0, all_tokens: bool = False, chunk_rows: int = 1024,
-            device: str | torch.device = "cpu", desc: str = "extract") -> None:
+            device: str | torch.device = "cpu", desc: str = "extract",
+            progress: bool = True) -> int:
     """Run ``backbone`` over ``dataset`` in order and write chunks of fp16 features.
 
-    Resumes after the rows of the chunks already written. Each chunk holds ``chunk_rows`` rows
-    (the last one fewer): cls/ap (n, L, D), tokens (n, T, D) if asked, labels (n,).
+    Resumes after the rows of the chunks already written: those rows are skipped by the source
+    (a streamed one reads past them without decoding) and never reach the backbone. Each chunk
+    holds ``chunk_rows`` rows, rounded up to whole batches so that a resumed run sees exactly the
+    batches of an uninterrupted one (the last chunk may be shorter): cls/ap (n, L, D),
+    tokens (n, T, D) if asked, labels (n,). Returns the number of rows extracted now.
     """
     device = torch.device(device)
     backbone.to(device)
-    start = writer.done_rows()
-    if start:
-        if isinstance(dataset, IterableDataset):
-            raise NotImplementedError("resuming a streamed source is handled by its reader")
-        dataset = Subset(dataset, range(start, len(dataset)))
-    total = len(dataset) if hasattr(dataset, "__len__") else None
+    chunk_rows = -(-chunk_rows // batch_size) * batch_size
+    dataset = skip_rows(dataset, writer.done_rows())
+    if isinstance(dataset, WebDatasetSource):
+        dataset = dataset.with_block(batch_size)  # workers take whole batches in turn
+    try:
+        total = len(dataset)
+    except TypeError:
+        total = None  # a streamed split: the bar shows images/s without an end
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         persistent_workers=False, pin_memory=device.type == "cuda")
     pending: dict[str, list[np.ndarray]] = {}
-    rows = 0
-    bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True,
-               disable=os.environ.get("ALFUSION_NO_PROGRESS") == "1")
+    rows = done = 0
+    bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not progress
+               or os.environ.get("ALFUSION_NO_PROGRESS") == "1")
     for images, labels in loader:
         with autocast(device):
             out = backbone(images.to(device, non_blocking=True), all_tokens=all_tokens)
@@ -86,12 +102,41 @@ def extract(backbone, dataset: Dataset, writer: EntryWriter, batch_size: int = 6
             pending.setdefault(name, []).append(
                 value.numpy() if name == "labels" else value.to(torch.float16).numpy())
         rows += len(labels)
+        done += len(labels)
         bar.update(len(labels))
         while rows >= chunk_rows:
             rows = _flush(writer, pending, chunk_rows)
     if rows:
         _flush(writer, pending, rows)
     bar.close()
+    return done
+
+
+def skip_rows(dataset: Dataset, n: int) -> Dataset:
+    """``dataset`` without its first n rows (resume)."""
+    if n == 0:
+        return dataset
+    if isinstance(dataset, WebDatasetSource):
+        return dataset.with_window(dataset.start + n, dataset.stop)
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(f"cannot resume {type(dataset).__name__}: it has no row window")
+    return Subset(dataset, range(n, len(dataset)))
+
+
+def rank_part(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """The contiguous part of ``dataset`` that DDP rank ``rank`` of ``world`` extracts.
+
+    Parts are in rank order, so concatenating them restores the original order. A streamed split
+    (row count unknown) is split by whole shards.
+    """
+    if isinstance(dataset, WebDatasetSource):
+        if dataset.counts is None:
+            return part_of_stream(dataset, rank, world)
+        n = len(dataset)
+        return dataset.with_window(dataset.start + rank * n // world,
+                                   dataset.start + (rank + 1) * n // world)
+    n = len(dataset)
+    return Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
 
 
 def _flush(writer: EntryWriter, pending: dict[str, list[np.ndarray]], n: int) -> int:
@@ -103,8 +148,19 @@ def _flush(writer: EntryWriter, pending: dict[str, list[np.ndarray]], n: int) ->
     return len(joined["labels"]) - n
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> CacheEntry:
-    """The cache entry of ``split`` for the run's settings, extracting it if missing."""
+    """The cache entry of ``split`` for the run's settings, extracting it if missing.
+
+    The source is built (and its layout and labels checked) before the backbone is loaded.
+    Under DDP every rank extracts its part and rank 0 merges the parts into the entry.
+    """
     cache = FeatureCache(cfg.paths.cache)
     fingerprint = feature_fingerprint(cfg, split)
     entry = cache.load(fingerprint)
@@ -112,13 +168,54 @@ def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> Cach
         return entry
     from alfusion.backbones import build_backbone
 
+    dataset = build_dataset(cfg.dataset, split)
     backbone, transform = build_backbone(cfg.backbone)
-    dataset = build_dataset(cfg.dataset, split, transform)
-    writer = EntryWriter(cache, fingerprint)
+    dataset = with_transform(dataset, transform)
+    rank, world = distributed_rank()
+    device = torch.device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+    settings = dict(batch_size=cfg.extract.batch_size, num_workers=cfg.extract.num_workers,
+                    all_tokens=fingerprint["all_tokens"], chunk_rows=cfg.extract.chunk_rows,
+                    device=device, progress=rank == 0,
+                    desc=f"extract {cfg.dataset.name}/{split}")
+    meta = dict(dims=backbone.dims, transform=str(transform),
+                num_classes=getattr(dataset, "num_classes", None)
+                or cfg.dataset.get("num_classes"))
     t0 = time.perf_counter()
-    extract(backbone, dataset, writer, batch_size=cfg.extract.batch_size,
-            num_workers=cfg.extract.num_workers, all_tokens=fingerprint["all_tokens"],
-            chunk_rows=cfg.extract.chunk_rows, device=device,
-            desc=f"extract {cfg.dataset.name}/{split}")
-    return writer.finish(dict(dims=backbone.dims, transform=str(transform),
-                              extract_seconds=round(time.perf_counter() - t0, 2)))
+    if world > 1:
+        return _extract_ranks(cache, fingerprint, dataset, backbone, settings, meta, rank, world)
+    with cache.lock(fingerprint):
+        entry = cache.load(fingerprint)  # another process may have built it meanwhile
+        if entry is not None:
+            return entry
+        writer = EntryWriter(cache, fingerprint)
+        extract(backbone, dataset, writer, **settings)
+        return writer.finish(dict(meta, extract_seconds=round(time.perf_counter() - t0, 2)))
+
+
+def _extract_ranks(cache: FeatureCache, fingerprint: dict, dataset: Dataset, backbone,
+                   settings: dict, meta: dict, rank: int, world: int) -> CacheEntry:
+    """DDP: rank r extracts part r into its own resumable partial entry; after a barrier rank 0
+    links the parts' chunks, in rank order, into the entry and promotes it."""
+
+    def part_writer(r: int) -> EntryWriter:
+        return EntryWriter(cache, dict(fingerprint, ddp_part=[r, world]), name="part")
+
+    mine = part_writer(rank)
+    if not mine.is_complete():
+        extract(backbone, rank_part(dataset, rank, world), mine, **settings)
+        mine.mark_complete()
+    dist.barrier()
+    if rank == 0:
+        parts = [mine] + [part_writer(r) for r in range(1, world)]
+        writer = EntryWriter(cache, fingerprint)
+        writer.adopt_chunks(parts)
+        writer.finish(dict(meta, ddp_world_size=world))
+        for part in parts:
+            part.discard()
+    dist.barrier()
+    entry = cache.load(fingerprint)
+    if entry is None:
+        raise RuntimeError(f"rank {rank}: the merged cache entry is missing after the merge")
+    return entry

@@ -1,0 +1,76 @@
+"""A plain image folder: ``<root>/<split>/<class>/<image>`` (torchvision ImageFolder style).
+
+Classes are the sorted union of the class folders of all split folders, so a class missing
+from one split keeps its label in the other. Images are read in sorted order (class, then
+file name), decoded with PIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from alfusion.data.wds import DatasetUnavailable
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SPLITS = ("train", "test")
+
+
+def folder_classes(root: Path) -> list[str]:
+    """Sorted class names: the sub-folders of root/train and root/test."""
+    names = {d.name for s in SPLITS if (root / s).is_dir()
+             for d in (root / s).iterdir() if d.is_dir()}
+    return sorted(names)
+
+
+def folder_images(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """(image paths, labels, class names) of one split, in sorted order; errors if unusable."""
+    folder = root / split
+    if not folder.is_dir():
+        raise DatasetUnavailable(f"image folder {root} has no {split}/ folder: the layout is "
+                                 f"{root}/{{train,test}}/<class>/<image>")
+    classes = folder_classes(root)
+    if not classes:
+        raise DatasetUnavailable(f"{folder} has no class folders (<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if class_dir.is_dir():
+            files = sorted(p for p in class_dir.iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            paths += files
+            labels += [label] * len(files)
+    if not paths:
+        raise DatasetUnavailable(f"split {split!r} of image folder {root} is empty: no "
+                                 f"{'/'.join(sorted(IMAGE_SUFFIXES))} files in {folder}/<class>/")
+    return paths, labels, classes
+
+
+class ImageFolderSource(Dataset):
+    """(transformed image, label) pairs of one split of an image folder."""
+
+    def __init__(self, root: str | Path, split: str, transform=None,
+                 limit: int | None = None) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.paths, self.labels, self.classnames = folder_images(self.root, split)
+        if limit is not None:
+            self.paths, self.labels = self.paths[:limit], self.labels[:limit]
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as err:  # PIL raises many types for damaged files
+            raise DatasetUnavailable(f"image {path} cannot be decoded ({err})") from err
+        return (self.transform(image) if self.transform else image), self.labels[i]
