@@ -1,0 +1,540 @@
+"""ProbeBank: a whole hyper-parameter grid of probes trained as one model (DESIGN.md).
+
+G probes of one architecture (linear or attentive) are held as stacked tensors: every entry
+of the single probe's state dict becomes a (G, *shape) tensor under the same name, so probe g
+exports as a plain ``AttentiveProbe`` / ``LinearProbe`` in the paper's parameterisation. One
+step runs all G probes on the same batch with batched matmuls (einsum over a leading G axis)
+and updates them with a functional AdamW whose lr and weight decay are per-probe vectors.
+
+Per probe, one step is exactly what training that probe alone does (PROTOCOL.md 3): feature
+jitter and attention dropout drawn from the probe's own generator (``ProbeStream``),
+BatchNorm with its own running statistics, class-weighted cross-entropy (the bank loss is the
+sum of the per-probe losses, so gradients do not mix), gradient-norm clipping at 5 on the
+probe's own total norm, AdamW with torch's bias correction and eps placement, and a per-step
+cosine schedule from lr to 1e-6 computed with torch's CosineAnnealingLR recursion.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from alfusion.probes.attentive import AttentiveProbe
+from alfusion.probes.linear import LinearProbe
+from alfusion.training import (
+    MIN_LR,
+    FeatureBatches,
+    HParams,
+    NonFiniteLoss,
+    batch_size_for,
+    class_weights,
+    epochs_for,
+)
+
+BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as the paper uses them
+ADAM_EPS = 1e-8
+CLIP_NORM = 5.0
+JITTER_DRAWS = ("per_probe", "shared")
+
+
+# ----------------------------------------------------------------------------- random draws
+
+def probe_seed(seed: int, hp: HParams | None) -> int:
+    """A generator seed that depends only on the run seed and the configuration, so a probe
+    draws the same numbers whatever else is in its bank (or on its rank)."""
+    key = f"{seed}|shared" if hp is None else f"{seed}|{hp.lr!r}|{hp.wd!r}|{hp.dropout!r}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+class ProbeStream:
+    """One probe's random draws from its own generator: jitter coin and noise, dropout masks.
+
+    Draw order per step: jitter coin (B,), jitter noise (B, ...), then the dropout keep
+    mask (B, H, T) when the probe has dropout. A single-probe loop that calls ``jitter`` and
+    ``dropout`` in that order reproduces the bank's draws exactly.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def jitter(self, x: torch.Tensor, p: float, sigma: float) -> torch.Tensor:
+        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p."""
+        if p <= 0 or sigma <= 0:
+            return x
+        gen = self.generator
+        keep = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).to(x.dtype)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return x + keep.view(-1, *([1] * (x.dim() - 1))) * sigma * noise
+
+    def dropout(self, shape: Sequence[int], p: float, device: torch.device | str
+                ) -> torch.Tensor | None:
+        """Inverted-dropout multiplier (shape) with zeros at rate p and 1/(1-p) elsewhere."""
+        if p <= 0:
+            return None
+        keep = torch.rand(tuple(shape), generator=self.generator, device=device) >= p
+        return keep.float() * (1.0 / (1.0 - p))
+
+
+# ----------------------------------------------------------------------------- the bank
+
+@dataclass(frozen=True)
+class AttentiveSpec:
+    """The sizes and constants of an attentive probe that the functional forward needs."""
+
+    dim: int
+    heads: int
+    head_dim: int
+    scale: float
+    eps_q: float
+    eps_kv: float
+    bn_eps: float
+    bn_momentum: float
+
+    @classmethod
+    def of(cls, probe: AttentiveProbe) -> AttentiveSpec:
+        return cls(probe.dim, probe.num_heads, probe.head_dim, probe.scale, probe.norm_q.eps,
+                   probe.norm_k.eps, probe.bn.eps, probe.bn.momentum)
+
+
+class ProbeBank:
+    """G probes of one architecture as stacked tensors.
+
+    params: state-dict name -> (G, *shape) trainable tensors; buffers: BatchNorm running
+    statistics (G, D) and counters (G,). ``template`` is a probe of the architecture, used
+    to export probe g; ``dropouts`` (G,) the attention-dropout rate of each probe.
+    """
+
+    def __init__(self, template: nn.Module, params: dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor], dropouts: Sequence[float]) -> None:
+        if not isinstance(template, AttentiveProbe | LinearProbe):
+            raise TypeError(f"ProbeBank holds AttentiveProbe or LinearProbe, not "
+                            f"{type(template).__name__}: train it with search.bank=false")
+        self.template = template
+        self.kind = "attentive" if isinstance(template, AttentiveProbe) else "linear"
+        self.spec = AttentiveSpec.of(template) if self.kind == "attentive" else None
+        self.params, self.buffers = params, buffers
+        self.dropouts = [float(d) for d in dropouts]
+
+    @classmethod
+    def from_probes(cls, probes: Sequence[nn.Module], dropouts: Sequence[float] | None = None
+                    ) -> ProbeBank:
+        """Stack the state dicts of same-shaped probes (their initial weights are kept)."""
+        first = probes[0]
+        shapes = {k: v.shape for k, v in first.state_dict().items()}
+        for p in probes[1:]:
+            if type(p) is not type(first) or {k: v.shape for k, v in
+                                              p.state_dict().items()} != shapes:
+                raise ValueError("a ProbeBank needs probes of one architecture and size")
+        names = {n for n, _ in first.named_parameters()}
+        states = [p.state_dict() for p in probes]
+        stacked = {k: torch.stack([s[k].detach() for s in states]).clone() for k in shapes}
+        if dropouts is None:
+            dropouts = [getattr(getattr(p, "attn_drop", None), "p", 0.0) for p in probes]
+        template = copy.deepcopy(first).cpu()
+        return cls(template, {k: v for k, v in stacked.items() if k in names},
+                   {k: v for k, v in stacked.items() if k not in names}, dropouts)
+
+    def __len__(self) -> int:
+        return len(self.dropouts)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def to(self, device: torch.device | str) -> ProbeBank:
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
+    def export(self, g: int) -> nn.Module:
+        """Probe g as a plain probe module (on the bank's device), in eval mode."""
+        probe = copy.deepcopy(self.template).to(self.device)
+        probe.load_state_dict({k: v[g] for k, v in {**self.params, **self.buffers}.items()})
+        if self.kind == "attentive":
+            probe.attn_drop.p = self.dropouts[g]
+        return probe.eval()
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits of every probe: x (B, T, D) or (B, F) -> (G, B, C)."""
+        return bank_logits(self.kind, self.spec, self.params, self.buffers, x, training=False)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                buffers: dict[str, torch.Tensor], training: bool, spec: AttentiveSpec
+                ) -> torch.Tensor:
+    """BatchNorm1d per probe on h (G, B, D), fp32; in training also updates running stats
+    like torch (momentum, unbiased running variance, counter)."""
+    h = h.float()
+    if training:
+        mean, var = h.mean(1), h.var(1, unbiased=False)
+        with torch.no_grad():
+            n, m = h.shape[1], spec.bn_momentum
+            rm, rv = buffers["bn.running_mean"], buffers["bn.running_var"]
+            rm.copy_(m * mean + (1 - m) * rm)
+            rv.copy_(m * var * (n / (n - 1)) + (1 - m) * rv)
+            buffers["bn.num_batches_tracked"].add_(1)
+    else:
+        mean, var = buffers["bn.running_mean"], buffers["bn.running_var"]
+    return (h - mean[:, None]) * torch.rsqrt(var[:, None] + spec.bn_eps) * weight[:, None] \
+        + bias[:, None]
+
+
+def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, x: torch.Tensor,
+                      training: bool, drop: torch.Tensor | None) -> torch.Tensor:
+    """Reassociated single-query attention for G probes (see probes/attentive.py).
+
+    x: (B, T, D) shared by all probes or (G, B, T, D) per probe (jitter); drop: (G, B, H, T)
+    dropout multipliers or None -> logits (G, B, C).
+    """
+    G = p["query"].shape[0]
+    H, E, D = spec.heads, spec.head_dim, spec.dim
+    shared = x.dim() == 3
+    xhat = F.layer_norm(x, (D,), eps=spec.eps_kv)  # LN statistics shared by k and v
+    qn = F.layer_norm(p["query"].reshape(G, D), (D,), eps=spec.eps_q)
+    qn = qn * p["norm_q.weight"] + p["norm_q.bias"]
+    q = torch.einsum("gd,gad->ga", qn, p["q.weight"]).view(G, H, E)
+    u = torch.einsum("ghe,ghed->ghd", q, p["k.weight"].view(G, H, E, D))
+    u = u * p["norm_k.weight"][:, None, :]  # query mapped back into token space (G, H, D)
+    scores = torch.einsum("btd,ghd->gbht" if shared else "gbtd,ghd->gbht", xhat, u)
+    attn = (scores * spec.scale).float().softmax(dim=-1)  # (G, B, H, T)
+    if drop is not None:
+        attn = attn * drop
+    z = torch.einsum("gbht,btd->gbhd" if shared else "gbht,gbtd->gbhd", attn, xhat)
+    z = z * p["norm_v.weight"][:, None, None, :] \
+        + attn.sum(-1, keepdim=True) * p["norm_v.bias"][:, None, None, :]
+    out = torch.einsum("gbhd,ghed->gbhe", z, p["v.weight"].view(G, H, E, D)).flatten(2)
+    pooled = torch.einsum("gba,gda->gbd", out, p["proj.weight"]) + p["proj.bias"][:, None, :]
+    h = _batch_norm(pooled, p["bn.weight"], p["bn.bias"], buffers, training, spec)
+    return torch.einsum("gbd,gcd->gbc", h, p["head.weight"]) + p["head.bias"][:, None, :]
+
+
+def bank_logits(kind: str, spec: AttentiveSpec | None, params: dict, buffers: dict,
+                x: torch.Tensor, training: bool, drop: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Logits (G, B, C) of every probe for inputs shared (B, ...) or per probe (G, B, ...)."""
+    if kind == "attentive":
+        return _attentive_logits(spec, params, buffers, x, training, drop)
+    w, b = params["head.weight"], params["head.bias"]
+    eq = "bf,gcf->gbc" if x.dim() == 2 else "gbf,gcf->gbc"
+    return torch.einsum(eq, x, w) + b[:, None, :]
+
+
+def bank_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Class-weighted cross-entropy per probe: logits (G, B, C), y (B,) -> (G,).
+
+    Each entry equals F.cross_entropy(logits[g], y, weight=weights) (the weighted mean)."""
+    G, B, C = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(G * B, C), y.repeat(G), weight=weights,
+                          reduction="none").view(G, B)
+    return nll.sum(1) / weights[y].sum()
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+def cosine_lrs(base_lrs: Sequence[float], total_steps: int, eta_min: float = MIN_LR
+               ) -> torch.Tensor:
+    """(total_steps, G) float64: the lr used at each step, by torch's CosineAnnealingLR
+    recursion (T_max = total_steps) stepped once per optimiser step."""
+    lrs = torch.empty(total_steps, len(base_lrs), dtype=torch.float64)
+    T = total_steps
+    for g, base in enumerate(base_lrs):
+        lr = float(base)
+        for s in range(total_steps):
+            if s > 0:
+                if (s - 1 - T) % (2 * T) == 0:
+                    lr = lr + (base - eta_min) * (1 - math.cos(math.pi / T)) / 2
+                else:
+                    lr = ((1 + math.cos(math.pi * s / T)) / (1 + math.cos(math.pi * (s - 1) / T))
+                          * (lr - eta_min) + eta_min)
+            lrs[s, g] = lr
+    return lrs
+
+
+def _per_probe(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+@torch.no_grad()
+def clip_per_probe(grads: Sequence[torch.Tensor], max_norm: float = CLIP_NORM) -> torch.Tensor:
+    """Scale each probe's gradients as torch.nn.utils.clip_grad_norm_ would for that probe
+    alone. grads: (G, ...) tensors -> the per-probe total norms (G,) before clipping."""
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)
+    total = torch.linalg.vector_norm(norms, dim=1)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(_per_probe(coef, g))
+    return total
+
+
+@torch.no_grad()
+def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+               exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], step: int,
+               decay: torch.Tensor, step_size: torch.Tensor,
+               betas: tuple[float, float] = BETAS, eps: float = ADAM_EPS) -> None:
+    """torch.optim.AdamW's update (single-tensor path) on stacked (G, ...) tensors.
+
+    step: the step number after increment (1, 2, ...); decay = 1 - lr * wd and
+    step_size = lr / (1 - beta1^step), both (G,), computed in float64 like torch's Python
+    scalars and then cast to the parameters' dtype.
+    """
+    beta1, beta2 = betas
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        p.mul_(_per_probe(decay, p))
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.add_(m.div(denom).mul_(_per_probe(-step_size, p)))
+
+
+# ----------------------------------------------------------------------------- training
+
+def activation_bytes_per_probe(bank: ProbeBank, batch: int, sample_shape: Sequence[int],
+                               per_probe_inputs: bool) -> int:
+    """A generous estimate of the activation memory one probe adds to a training step.
+
+    Counts fp32 tensors kept for backward or alive at the peak: per-probe jittered input,
+    noise and normalised tokens (B, T, D) when jitter draws are per probe; scores, attention
+    and dropout masks (B, H, T); weighted tokens (B, H, D); and the pooled path (B, A + 4D).
+    """
+    n_in = math.prod(sample_shape)
+    inputs = 3 * n_in if per_probe_inputs else 0
+    if bank.kind == "linear":
+        return 4 * batch * (inputs + 4 * bank.params["head.weight"].shape[1])
+    s = bank.spec
+    T = sample_shape[0]
+    per_sample = inputs + 5 * s.heads * T + 3 * s.heads * s.dim \
+        + 3 * s.heads * s.head_dim + 6 * s.dim
+    return 4 * batch * per_sample
+
+
+def _chunk_loss(kind, spec, params, buffers, x, y, weights, drop):
+    return bank_loss(bank_logits(kind, spec, params, buffers, x, True, drop), y, weights)
+
+
+class BankTrainer:
+    """Trains a ProbeBank one batch at a time with per-probe optimiser state and schedule.
+
+    configs: the G configurations (lr, wd, dropout); total_steps: the schedule length;
+    weights: class weights (C,). ``chunk`` probes go through one forward/backward pass
+    (all of them by default); chunks only bound memory: probes never interact.
+    """
+
+    def __init__(self, bank: ProbeBank, configs: Sequence[HParams], total_steps: int,
+                 weights: torch.Tensor, seed: int, jitter_p: float = 0.5,
+                 jitter_sigma: float = 0.05, jitter_draws: str = "per_probe",
+                 autocast: bool = False, compile: bool = False, chunk: int | None = None
+                 ) -> None:
+        if jitter_draws not in JITTER_DRAWS:
+            raise ValueError(f"train.jitter_draws={jitter_draws!r}: use one of {JITTER_DRAWS}")
+        device = bank.device
+        self.bank, self.configs = bank, list(configs)
+        self.total_steps, self.weights = total_steps, weights.to(device)
+        self.jitter_p, self.jitter_sigma, self.jitter_draws = jitter_p, jitter_sigma, jitter_draws
+        self.autocast = autocast
+        self.chunk = chunk or len(bank)
+        self.streams = [ProbeStream(probe_seed(seed, hp), device) for hp in self.configs]
+        self.shared_stream = ProbeStream(probe_seed(seed, None), device)
+        lrs = cosine_lrs([hp.lr for hp in self.configs], total_steps)
+        wd = torch.tensor([hp.wd for hp in self.configs], dtype=torch.float64)
+        self.decay = (1 - lrs * wd).float().to(device)  # (S, G)
+        self.lrs = lrs  # float64, the schedule (for inspection)
+        self.names = list(bank.params)
+        self.exp_avgs = [torch.zeros_like(bank.params[n]) for n in self.names]
+        self.exp_avg_sqs = [torch.zeros_like(bank.params[n]) for n in self.names]
+        self.grads = [torch.zeros_like(bank.params[n]) for n in self.names]
+        self.first_bad_step = torch.full((len(bank),), -1, dtype=torch.long, device=device)
+        self.step_count = 0
+        self.loss_fn = torch.compile(_chunk_loss, dynamic=False) if compile else _chunk_loss
+
+    def _inputs(self, xb: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+        """The batch each probe of the chunk sees: (B, ...) shared or (g, B, ...) jittered."""
+        p, sigma = self.jitter_p, self.jitter_sigma
+        if p <= 0 or sigma <= 0:
+            return xb
+        if self.jitter_draws == "shared":
+            return self._shared_x
+        out = torch.empty((g1 - g0, *xb.shape), dtype=xb.dtype, device=xb.device)
+        for i, g in enumerate(range(g0, g1)):
+            out[i] = self.streams[g].jitter(xb, p, sigma)
+        return out
+
+    def _dropout(self, batch: int, num_tokens: int, g0: int, g1: int) -> torch.Tensor | None:
+        if self.bank.kind != "attentive" or not any(self.bank.dropouts[g0:g1]):
+            return None
+        shape = (batch, self.bank.spec.heads, num_tokens)
+        drop = torch.ones((g1 - g0, *shape), device=self.bank.device)
+        for i, g in enumerate(range(g0, g1)):
+            mask = self.streams[g].dropout(shape, self.bank.dropouts[g], self.bank.device)
+            if mask is not None:
+                drop[i] = mask
+        return drop
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,)."""
+        if self.step_count >= self.total_steps:
+            raise RuntimeError(f"the schedule has {self.total_steps} steps; all are done")
+        bank, G = self.bank, len(self.bank)
+        xb = xb.float()
+        if self.jitter_draws == "shared":
+            self._shared_x = self.shared_stream.jitter(xb, self.jitter_p, self.jitter_sigma)
+        losses = torch.empty(G, device=bank.device)
+        for g0 in range(0, G, self.chunk):
+            g1 = min(G, g0 + self.chunk)
+            x = self._inputs(xb, g0, g1)
+            # For jitter first, then dropout: the order a lone probe's stream draws in.
+            drop = self._dropout(xb.shape[0], xb.shape[1], g0, g1)
+            leaves = {n: bank.params[n][g0:g1].detach().requires_grad_() for n in self.names}
+            buffers = {n: b[g0:g1] for n, b in bank.buffers.items()}
+            with torch.autocast(bank.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.loss_fn(bank.kind, bank.spec, leaves, buffers, x, yb, self.weights,
+                                    drop)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+            # norm_k.bias cancels in the softmax: no gradient, so, as torch.optim does for a
+            # parameter whose .grad is None, it is neither clipped nor decayed nor updated.
+            self.used = [part is not None for part in grads]
+            for full, part in zip(self.grads, grads, strict=True):
+                if part is not None:
+                    full[g0:g1] = part
+            losses[g0:g1] = loss.detach()
+        # A diverged probe keeps training on NaNs without touching the others; remembered.
+        newly_bad = ~torch.isfinite(losses) & (self.first_bad_step < 0)
+        self.first_bad_step.masked_fill_(newly_bad, self.step_count)
+        used = [i for i, u in enumerate(self.used) if u]
+        clip_per_probe([self.grads[i] for i in used])
+        s = self.step_count
+        self.step_count += 1
+        step_size = (self.lrs[s] / (1 - BETAS[0] ** self.step_count)).float().to(bank.device)
+        adamw_step(*([seq[i] for i in used] for seq in (
+            [bank.params[n] for n in self.names], self.grads, self.exp_avgs, self.exp_avg_sqs)),
+            self.step_count, self.decay[s], step_size)
+        return losses
+
+    def failures(self) -> dict[int, NonFiniteLoss]:
+        """Probe index -> NonFiniteLoss for every probe whose loss was ever non-finite."""
+        return {g: NonFiniteLoss(f"loss became non-finite at step {step} of configuration "
+                                 f"{self.configs[g].name}: lower the learning rate or check "
+                                 "the features for NaN/inf")
+                for g, step in enumerate(self.first_bad_step.tolist()) if step >= 0}
+
+
+def fresh_probe(make_probe: Callable[[HParams], nn.Module], hp: HParams, seed: int
+                ) -> nn.Module:
+    """A new probe for ``hp`` whose initial weights depend only on ``seed``."""
+    torch.manual_seed(seed)
+    return make_probe(hp)
+
+
+def auto_chunk(bank: ProbeBank, batch: int, sample_shape: Sequence[int], per_probe_inputs: bool,
+               budget_bytes: int | None = None) -> int:
+    """How many probes go through one pass: all that fit in ``budget_bytes`` (default: half
+    the free GPU memory, or 2 GiB on the CPU, where smaller passes also stay in cache)."""
+    if budget_bytes is None:
+        if bank.device.type == "cuda":
+            budget_bytes = torch.cuda.mem_get_info(bank.device)[0] // 2
+        else:
+            budget_bytes = 2 << 30
+    per = activation_bytes_per_probe(bank, batch, sample_shape, per_probe_inputs)
+    return max(1, min(len(bank), budget_bytes // max(per, 1)))
+
+
+def _on_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """Features on the device as one tensor; if they do not fit, pinned host memory and
+    per-batch copies."""
+    if x.device == device:
+        return x, y.to(device), False
+    try:
+        return x.to(device), y.to(device), False
+    except torch.OutOfMemoryError:
+        return x.cpu().pin_memory(), y.cpu(), True
+
+
+def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Module],
+             x: torch.Tensor, y: torch.Tensor, num_classes: int, train_cfg, seed: int,
+             device: torch.device | str | None = None, precision: str = "32-true",
+             budget_bytes: int | None = None) -> list[nn.Module | NonFiniteLoss]:
+    """Train every configuration on tokens x (N, ...) and labels y (N,) as one ProbeBank.
+
+    Same schedule and batch order as ``fit_probe`` (FeatureBatches with ``seed``); bf16
+    autocast when on CUDA with a bf16 ``precision``, fp32 otherwise. ``train_cfg.compile``
+    compiles the step; ``train_cfg.jitter_draws`` (per_probe | shared) picks the jitter
+    streams. Returns, in ``configs`` order, the trained probe (eval mode), or the
+    NonFiniteLoss of a configuration whose loss became NaN/inf (the others are unaffected).
+    """
+    device = torch.device(device) if device is not None else x.device
+    probes = [fresh_probe(make_probe, hp, seed) for hp in configs]
+    bank = ProbeBank.from_probes(probes, [hp.dropout for hp in configs]).to(device)
+    x, y, streamed = _on_device(x, y, device)
+    batch = batch_size_for(len(y), train_cfg.batch_size, train_cfg.min_batches)
+    batches = FeatureBatches(x, y, batch, shuffle=True, seed=seed)
+    steps = len(batches) * epochs_for(len(y), batch, train_cfg.epochs, train_cfg.min_steps)
+    jitter_draws = train_cfg.get("jitter_draws", "per_probe")
+    chunk = auto_chunk(bank, batch, x.shape[1:], jitter_draws == "per_probe", budget_bytes)
+    trainer = BankTrainer(
+        bank, configs, steps, class_weights(y, num_classes), seed,
+        train_cfg.jitter_p, train_cfg.jitter_sigma, jitter_draws,
+        autocast=device.type == "cuda" and "bf16" in str(precision),
+        compile=bool(train_cfg.get("compile", False)), chunk=chunk)
+    while trainer.step_count < steps:
+        for xb, yb in batches:
+            if streamed:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            trainer.step(xb, yb)
+            if trainer.step_count == steps:
+                break
+    failed = trainer.failures()
+    return [failed.get(g) or bank.export(g) for g in range(len(bank))]
+
+
+# ----------------------------------------------------------------------------- several ranks
+
+def grid_slice(n: int, world: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous share of n configurations: sizes differ by at most one,
+    the first ``n % world`` ranks take one more."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def fit_grid(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Module],
+             x: torch.Tensor, y: torch.Tensor, num_classes: int, train_cfg, seed: int,
+             precision: str = "32-true") -> list[nn.Module | NonFiniteLoss]:
+    """``fit_bank`` over the whole grid; when torch.distributed is initialised with several
+    ranks, each rank trains its ``grid_slice`` and the trained weights are all-gathered, so
+    every rank (rank 0 included) returns all probes in ``configs`` order and the search goes
+    on identically everywhere. Per-probe seeds make a probe's result independent of its rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fit_bank(configs, make_probe, x, y, num_classes, train_cfg, seed,
+                        precision=precision)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = list(configs[grid_slice(len(configs), world, rank)])
+    trained = fit_bank(mine, make_probe, x, y, num_classes, train_cfg, seed,
+                       precision=precision) if mine else []
+    states = [p if isinstance(p, NonFiniteLoss) else {k: v.cpu() for k, v in
+                                                         p.state_dict().items()}
+              for p in trained]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, states)
+    probes: list[nn.Module | NonFiniteLoss] = []
+    for hp, state in zip(configs, [s for part in gathered for s in part], strict=True):
+        if isinstance(state, NonFiniteLoss):
+            probes.append(state)
+            continue
+        probe = make_probe(hp)
+        probe.load_state_dict(state)
+        probes.append(probe.to(x.device).eval())
+    return probes

@@ -1,0 +1,294 @@
+"""ProbeBank: probe for probe, the grid trained as one model equals each probe trained alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import compose_config
+from omegaconf import OmegaConf
+from torch import nn
+
+from alfusion.probes import AttentiveProbe, LinearProbe
+from alfusion.probes.bank import (
+    BankTrainer,
+    ProbeBank,
+    ProbeStream,
+    adamw_step,
+    clip_per_probe,
+    cosine_lrs,
+    fit_bank,
+    fit_grid,
+    fresh_probe,
+    grid_slice,
+    probe_seed,
+)
+from alfusion.search import run_search
+from alfusion.training import (
+    MIN_LR,
+    FeatureBatches,
+    HParams,
+    class_weights,
+    fit_probe,
+)
+
+TRAIN = OmegaConf.create(dict(batch_size=2048, min_batches=5, epochs=2, min_steps=20,
+                              jitter_p=0.5, jitter_sigma=0.05))
+CPU_TRAINER = OmegaConf.create(dict(accelerator="cpu", devices=1, precision="32-true",
+                                    progress_bar=False))
+
+
+def clustered(n: int, shape: tuple[int, ...], classes: int, seed: int = 0):
+    """Learnable random data: class means plus noise, L2-normalised per token."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    means = torch.randn(classes, *shape, generator=g)
+    x = means[y] + 1.5 * torch.randn(n, *shape, generator=g)
+    return F.normalize(x, dim=-1), y
+
+
+class StreamDropout(nn.Module):
+    """Attention dropout drawing its mask from a ProbeStream (the bank's draws, reproduced)."""
+
+    def __init__(self, stream: ProbeStream, p: float) -> None:
+        super().__init__()
+        self.stream, self.p = stream, p
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        mask = self.stream.dropout(attn.shape, self.p, attn.device) if self.training else None
+        return attn if mask is None else attn * mask
+
+
+def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, seed: int):
+    """The reference: one probe, torch.optim.AdamW + CosineAnnealingLR + clip_grad_norm_,
+    the same batches, and jitter/dropout drawn from the probe's own ProbeStream."""
+    probe = fresh_probe(make_probe, hp, seed).train()
+    stream = ProbeStream(probe_seed(seed, hp))
+    if isinstance(probe, AttentiveProbe):
+        probe.attn_drop = StreamDropout(stream, hp.dropout)
+    opt = torch.optim.AdamW(probe.parameters(), lr=hp.lr, weight_decay=hp.wd, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=MIN_LR)
+    batches, done = FeatureBatches(x, y, batch, seed=seed), 0
+    while done < steps:
+        for xb, yb in batches:
+            xj = stream.jitter(xb, TRAIN.jitter_p, TRAIN.jitter_sigma)
+            loss = F.cross_entropy(probe(xj), yb, weight=weights)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(probe.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            done += 1
+            if done == steps:
+                break
+    return probe
+
+
+def train_bank(make_probe, configs, x, y, weights, batch, steps, seed, chunk=None):
+    probes = [fresh_probe(make_probe, hp, seed) for hp in configs]
+    bank = ProbeBank.from_probes(probes, [hp.dropout for hp in configs])
+    trainer = BankTrainer(bank, configs, steps, weights, seed, TRAIN.jitter_p,
+                          TRAIN.jitter_sigma, chunk=chunk)
+    batches = FeatureBatches(x, y, batch, seed=seed)
+    while trainer.step_count < steps:
+        for xb, yb in batches:
+            trainer.step(xb, yb)
+            if trainer.step_count == steps:
+                break
+    return bank
+
+
+# BatchNorm (batch statistics) removes any constant shift of its input, so these entries get
+# gradients that are zero up to float rounding; AdamW's m / sqrt(v) turns that rounding noise
+# into O(lr) moves that no two implementations share (norm_v.bias only without dropout: with
+# attention weights summing to 1 its contribution is constant). bn.running_mean records the
+# resulting shift. They are checked through the function instead: see batch_stat_logits.
+BN_CANCELLED = {"proj.bias", "bn.running_mean"}
+
+
+def batch_stat_logits(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits with BatchNorm on the batch's own statistics and dropout off: the function
+    that training sees, blind to the BN-cancelled directions."""
+    if not isinstance(probe, AttentiveProbe):
+        return probe(x)
+    probe.eval()
+    h = probe.pool(x)
+    bn = probe.bn
+    return probe.head(F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+
+
+def assert_same_probe(a: nn.Module, b: nn.Module, x: torch.Tensor, dropout: float,
+                      atol=2e-5, rtol=1e-4, what=""):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    skip = BN_CANCELLED | ({"norm_v.bias"} if dropout == 0 else set())
+    for k in sa:
+        if k not in skip:
+            torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=rtol,
+                                       msg=lambda m, k=k: f"{what} {k}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(batch_stat_logits(a, x), batch_stat_logits(b, x), atol=atol,
+                                   rtol=rtol, msg=lambda m: f"{what} logits: {m}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "attentive"])
+def test_bank_equals_each_probe_trained_alone(kind):
+    """G configurations (3 lr, several wd, dropout 0 / 0.1 / 0.3 for attentive), 12 steps with
+    jitter on: every probe's weights and BatchNorm variance equal the lone AdamW run's, and
+    so do its logits (BN on batch statistics; see BN_CANCELLED for the rest).
+
+    Dropout > 0 runs in training mode here: the lone run draws its masks from the same
+    per-probe ProbeStream as the bank (torch's own nn.Dropout stream would differ)."""
+    seed, classes, batch, steps = 3, 5, 16, 12
+    if kind == "linear":
+        x, y = clustered(56, (24,), classes)
+        make = lambda hp: LinearProbe(24, classes)
+        configs = [HParams(lr, wd) for lr, wd in [(0.1, 1e-6), (0.01, 1.0), (0.001, 1e-2)]]
+    else:
+        x, y = clustered(56, (6, 16), classes)
+        make = lambda hp: AttentiveProbe(16, classes, num_heads=4, attn_drop=hp.dropout)
+        configs = [HParams(0.1, 1e-6, 0.0), HParams(0.01, 1.0, 0.1),
+                   HParams(0.001, 1e-2, 0.3), HParams(0.01, 1e-4, 0.0)]
+    weights = class_weights(y, classes)
+    bank = train_bank(make, configs, x, y, weights, batch, steps, seed, chunk=3)
+    for g, hp in enumerate(configs):
+        alone = train_alone(make, hp, x, y, weights, batch, steps, seed)
+        exported = bank.export(g)
+        assert type(exported) is type(alone)
+        if kind == "attentive":
+            assert exported.attn_drop.p == hp.dropout
+        assert_same_probe(exported, alone, x, hp.dropout, what=hp.name)
+        # and they moved: not a comparison of two untouched initialisations
+        assert not torch.allclose(exported.head.weight, fresh_probe(make, hp, seed).head.weight)
+
+
+def test_bank_of_one_matches_fit_probe_through_lightning():
+    """fit_bank with one configuration and fit_probe (Lightning) see the same batches, lr
+    schedule and clipping: same weights. Jitter off, dropout 0 (their random streams differ)."""
+    x, y = clustered(100, (6, 16), 4, seed=1)
+    make = lambda hp: AttentiveProbe(16, 4, num_heads=4, attn_drop=hp.dropout)
+    hp = HParams(0.01, 1e-3)
+    cfg = OmegaConf.merge(TRAIN, dict(jitter_p=0.0))
+    [banked] = fit_bank([hp], make, x, y, 4, cfg, seed=5)
+    module = fit_probe(fresh_probe(make, hp, 5), hp, x, y, 4, cfg, CPU_TRAINER, seed=5)
+    assert module.fit_info["steps"] == 20
+    assert_same_probe(banked, module.probe.eval(), x, 0.0)
+
+
+def test_adamw_and_clip_match_torch_on_large_gradients():
+    """The functional AdamW and per-probe clipping against torch, with norms above 5."""
+    g = torch.Generator().manual_seed(0)
+    lrs, wds = [0.1, 0.003], [1e-2, 0.5]
+    shapes = [(3, 7), (5,)]
+    params = [torch.randn(2, *s, generator=g) for s in shapes]
+    singles = [[nn.Parameter(p[i].clone()) for p in params] for i in range(2)]
+    opts = [torch.optim.AdamW(singles[i], lr=lrs[i], weight_decay=wds[i]) for i in range(2)]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    table = cosine_lrs(lrs, 6)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, 6, MIN_LR) for o in opts]
+    for step in range(6):
+        grads = [10 * torch.randn(p.shape, generator=g) for p in params]
+        for i in range(2):
+            for sp, gr in zip(singles[i], grads, strict=True):
+                sp.grad = gr[i].clone()
+            ref_norm = torch.nn.utils.clip_grad_norm_(singles[i], 5.0)
+            assert ref_norm > 5
+            assert table[step, i] == pytest.approx(opts[i].param_groups[0]["lr"], rel=1e-12)
+            opts[i].step()
+            scheds[i].step()
+        norms = clip_per_probe(grads)
+        decay = (1 - table[step] * torch.tensor(wds, dtype=torch.float64)).float()
+        adamw_step(params, grads, m, v, step + 1, decay,
+                   (table[step] / (1 - 0.9 ** (step + 1))).float())
+        assert norms.shape == (2,)
+    for i in range(2):
+        for p, sp in zip(params, singles[i], strict=True):
+            torch.testing.assert_close(p[i], sp.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_bank_loss_separates_probes():
+    """Probe g's gradient does not depend on any other probe's parameters."""
+    x, y = clustered(20, (4, 8), 3)
+    make = lambda hp: AttentiveProbe(8, 3, num_heads=2)
+    configs = [HParams(0.01, 0.0), HParams(0.01, 0.0)]
+    bank = ProbeBank.from_probes([fresh_probe(make, hp, s) for s, hp in enumerate(configs)])
+    w = class_weights(y, 3)
+
+    def grad_of_first(other_scale):
+        params = {k: v.clone() for k, v in bank.params.items()}
+        params["head.weight"][1] *= other_scale
+        leaves = {k: v.requires_grad_() for k, v in params.items()}
+        buffers = {k: v.clone() for k, v in bank.buffers.items()}
+        from alfusion.probes.bank import bank_logits, bank_loss
+        loss = bank_loss(bank_logits("attentive", bank.spec, leaves, buffers, x, True), y, w)
+        return torch.autograd.grad(loss.sum(), leaves["q.weight"])[0][0]
+
+    torch.testing.assert_close(grad_of_first(1.0), grad_of_first(7.0))
+
+
+def test_grid_slice_covers_every_configuration_once():
+    for n in (1, 5, 21, 63):
+        for world in (1, 2, 3, 8):
+            parts = [list(range(n))[grid_slice(n, world, r)] for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            sizes = [len(p) for p in parts]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="rank 2 outside a world of 2"):
+        grid_slice(5, 2, 2)
+
+
+def _sharded_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        x, y = clustered(40, (12,), 3, seed=2)
+        configs = [HParams(lr, wd) for lr in (0.1, 0.01) for wd in (1e-6, 1e-2, 1.0)][:5]
+        probes = fit_grid(configs, lambda hp: LinearProbe(12, 3), x, y, 3, TRAIN, seed=1)
+        torch.save([p.state_dict() for p in probes], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grid_split_across_two_gloo_ranks_equals_one_bank(tmp_path):
+    """Two CPU ranks (gloo) each train their slice of 5 configurations; after the gather,
+    both hold all 5 probes, equal to the single-process bank."""
+    out = str(tmp_path / "probes")
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    x, y = clustered(40, (12,), 3, seed=2)
+    configs = [HParams(lr, wd) for lr in (0.1, 0.01) for wd in (1e-6, 1e-2, 1.0)][:5]
+    whole = fit_bank(configs, lambda hp: LinearProbe(12, 3), x, y, 3, TRAIN, seed=1)
+    for rank in range(2):
+        states = torch.load(f"{out}.{rank}")
+        assert len(states) == 5
+        for probe, state in zip(whole, states, strict=True):
+            for k, v in probe.state_dict().items():
+                torch.testing.assert_close(state[k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_search_selects_the_same_configuration_with_and_without_bank(tmp_path):
+    """A small paper-style grid (3 lr x 2 wd, ALF-style attentive probe): run_search with the
+    bank and one by one (Lightning) scores every configuration alike and picks the same one.
+    Jitter off and dropout 0, so both paths are deterministic and comparable. Validation
+    scores may still differ by a sample or two at lr 0.1: eval-mode BatchNorm sees the
+    rounding-driven moves of the BN-cancelled biases (BN_CANCELLED) through its running mean.
+    The refit is the same seeded Lightning fit in both modes: the same test score."""
+    x, y = clustered(150, (6, 16), 5, seed=4)
+    xt, yt = clustered(60, (6, 16), 5, seed=4)
+    make = lambda hp: AttentiveProbe(16, 5, num_heads=6, attn_drop=hp.dropout)
+    configs = [HParams(lr, wd) for lr in (0.1, 0.01, 0.001) for wd in (1e-4, 1.0)]
+    results = {}
+    for bank in (True, False):
+        cfg = compose_config("search=paper", f"search.bank={str(bank).lower()}",
+                             "train.min_steps=30", "train.epochs=1", "train.jitter_p=0",
+                             "trainer.progress_bar=false", f"paths.root={tmp_path}")
+        results[bank] = run_search(make, configs, (x, y), (xt, yt), 5, cfg)
+    a, b = results[True], results[False]
+    assert a.best == b.best
+    scores_a = np.array([g["bal_acc"] for g in a.grid])
+    scores_b = np.array([g["bal_acc"] for g in b.grid])
+    assert scores_a.max() - scores_a.min() > 0.05  # the grid is not a tie
+    np.testing.assert_allclose(scores_a, scores_b, atol=0.05)
+    assert a.test["bal_acc"] == pytest.approx(b.test["bal_acc"], abs=1e-6)
