@@ -28,8 +28,12 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# make ui [PORT=5000]: the MLflow UI over outputs/mlflow.db (runs, metrics, heatmaps, plots);
+# without MLflow's GenAI job runner (seven worker processes that browsing runs does not need)
+PORT ?= 5000
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 bench: install
 	$(BIN)/python -m benchmarks

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from alfusion import tracking
+from alfusion.analysis import hooks as analysis
 from alfusion.data.extract import load_or_extract
 from alfusion.metrics import classification_metrics
 from alfusion.probes import build_probe, build_token_set
@@ -52,6 +53,7 @@ def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
 def run_train(cfg, run_dir: Path) -> dict:
     """Cached mode: features from the cache, the search, one test evaluation, all logged."""
     device = resolve_device(cfg.device)
+    analysis.requested(cfg)  # a misspelt analysis fails before any work
     logger = tracking.make_logger(cfg)
     ok = False
     try:
@@ -82,6 +84,8 @@ def run_train(cfg, run_dir: Path) -> dict:
             mlflow_run_id=logger.run_id if logger else None,
         )
         save_probe(run_dir / "probe.pt", probe, cfg, summary, entry.dims)
+        summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
+                                                   x_test, summary, device)
         metrics = {f"val/{k}": v for k, v in summary["val"].items()}
         metrics.update({f"test/{k}": v for k, v in summary["test"].items()})
         metrics.update({"fit/steps": result.steps, "fit/samples": result.fit_samples,

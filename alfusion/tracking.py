@@ -17,16 +17,30 @@ def make_logger(cfg) -> MLFlowLogger | None:
     log_cfg = cfg.logger
     if log_cfg.get("name", "mlflow") != "mlflow":
         return None
+    uri = log_cfg.tracking_uri
     artifacts = log_cfg.get("artifact_location")
+    if uri.startswith(("http://", "https://")) and artifacts and "://" not in artifacts:
+        artifacts = None  # a server keeps artifacts in its own artifact root, not a local folder
     if artifacts and "://" not in artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve().as_uri()
-    uri = log_cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     tags = {k: str(v) for k, v in (log_cfg.get("tags") or {}).items()}
+    if sweep_id() and "sweep" not in tags:
+        tags["sweep"] = sweep_id()  # python -m alfusion.report --sweep <id> selects the sweep
     return MLFlowLogger(experiment_name=log_cfg.experiment, run_name=log_cfg.get("run_name"),
                         tracking_uri=uri, tags=tags or None, artifact_location=artifacts)
+
+
+def sweep_id() -> str | None:
+    """The Hydra multirun folder's name (e.g. 2026-01-31_12-00-00) in a sweep, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
 
 
 def flat_params(cfg) -> dict[str, str]:

@@ -1,0 +1,124 @@
+"""Per-layer linear probes (the paper's per-layer curves): a Linear(D, C) head on each layer's
+CLS and on each layer's AP token, all trained in one pass as a head bank.
+
+With a grid of several configurations, every (token, configuration) head trains on the fit part
+of train, each token keeps the configuration with the best validation balanced accuracy, and the
+chosen heads are retrained on all of train; the test split is scored once.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.ticker import MaxNLocator
+
+from alfusion.analysis.head_bank import head_logits, train_heads
+from alfusion.analysis.plots import new_figure, save
+from alfusion.data.cache import CacheEntry
+from alfusion.metrics import classification_metrics
+from alfusion.search import stratified_split
+from alfusion.training import HParams
+
+
+def layer_tokens(entry: CacheEntry, rows: np.ndarray | None = None
+                 ) -> tuple[torch.Tensor, list[str], list[tuple[str, int]]]:
+    """Every tapped layer's CLS then AP vector of a cache entry, L2-normalised:
+    (tokens (N, 2L, D) float32, labels ['CLS@1', ..., 'AP@L'], positions [('CLS', 1), ...])."""
+    cls, ap = entry.array("cls"), entry.array("ap")
+    if rows is not None:
+        cls, ap = cls[rows], ap[rows]
+    x = torch.cat([torch.from_numpy(np.asarray(cls)), torch.from_numpy(np.asarray(ap))], dim=1)
+    num_layers = cls.shape[1]
+    positions = [(k, i) for k in ("CLS", "AP") for i in range(1, num_layers + 1)]
+    return (F.normalize(x.float(), dim=-1), [f"{k}@{i}" for k, i in positions], positions)
+
+
+def per_layer_probes(train: tuple[torch.Tensor, torch.Tensor],
+                     test: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+                     configs: list[HParams], cfg) -> list[dict]:
+    """Test metrics of one linear head per token position of x (N, P, D).
+
+    Returns one dict per position: position index, val_bal_acc (NaN without a search), the
+    chosen lr/wd, test bal_acc and acc1.
+    """
+    x, y = train
+    num_positions = x.shape[1]
+    chosen = {p: configs[0] for p in range(num_positions)}
+    val_scores = {p: float("nan") for p in range(num_positions)}
+    if len(configs) > 1:
+        fit, val = stratified_split(y, cfg.search.val_fraction, cfg.search.val_seed)
+        plan = [(hp, list(range(num_positions))) for hp in configs]
+        groups = train_heads(plan, x[fit], y[fit], num_classes, cfg.train, cfg.seed)
+        logits = head_logits(groups, x[val])
+        for p in range(num_positions):
+            scores = [classification_metrics(logits[(hp, p)], y[val], num_classes)["bal_acc"]
+                      for hp in configs]
+            best = int(np.argmax(scores))  # first of equals: grid order breaks ties
+            chosen[p], val_scores[p] = configs[best], scores[best]
+    plan = [(hp, [p for p in range(num_positions) if chosen[p] == hp]) for hp in configs]
+    groups = train_heads([(hp, heads) for hp, heads in plan if heads], x, y, num_classes,
+                         cfg.train, cfg.seed)
+    logits = head_logits(groups, test[0])
+    out = []
+    for p in range(num_positions):
+        metrics = classification_metrics(logits[(chosen[p], p)], test[1], num_classes)
+        out.append(dict(position=p, val_bal_acc=val_scores[p], lr=chosen[p].lr,
+                        wd=chosen[p].wd, bal_acc=metrics["bal_acc"], acc1=metrics["acc1"]))
+    return out
+
+
+def write_layer_scores(scores: list[dict], positions: list[tuple[str, int]], path: Path) -> Path:
+    """CSV: kind, layer, test bal_acc, acc1, val_bal_acc, chosen lr and wd."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["kind", "layer", "bal_acc", "acc1", "val_bal_acc", "lr", "wd"])
+        for s in scores:
+            kind, layer = positions[s["position"]]
+            writer.writerow([kind, layer, f"{s['bal_acc']:.6g}", f"{s['acc1']:.6g}",
+                             f"{s['val_bal_acc']:.6g}", s["lr"], s["wd"]])
+    return path
+
+
+def curves(scores: list[dict], positions: list[tuple[str, int]]) -> dict[str, dict[int, float]]:
+    """{'CLS': {layer: bal_acc}, 'AP': {...}}."""
+    out: dict[str, dict[int, float]] = {}
+    for s in scores:
+        kind, layer = positions[s["position"]]
+        out.setdefault(kind, {})[layer] = s["bal_acc"]
+    return out
+
+
+def plot_layer_curves(path: Path, accuracy: dict[str, dict[int, float]] | None = None,
+                      reference: tuple[str, float] | None = None,
+                      cka: dict[str, dict[int, float]] | None = None, title: str = "") -> Path:
+    """Panels side by side: test balanced accuracy per layer (``accuracy``: {kind: {layer:
+    value}}, the run's own probe as a horizontal ``reference`` line) and CKA of the last-layer
+    CLS with each layer's CLS (``cka``: {kernel: {layer: value}})."""
+    panels = [p for p in (accuracy, cka) if p]
+    fig = new_figure(1 + 5 * len(panels), 4)
+    axes = list(fig.subplots(1, len(panels), squeeze=False)[0])
+    if accuracy:
+        ax = axes.pop(0)
+        for kind, curve in accuracy.items():
+            ax.plot(list(curve), list(curve.values()), marker="o", label=f"linear on {kind}")
+        if reference is not None:
+            ax.axhline(reference[1], color="black", linestyle="--", label=reference[0])
+        ax.set_ylabel("test balanced accuracy")
+        ax.set_title(f"per-layer linear probes {title}".strip(), fontsize=10)
+    if cka:
+        ax = axes.pop(0)
+        for kernel, curve in cka.items():
+            ax.plot(list(curve), list(curve.values()), marker="o", label=f"{kernel} kernel")
+        ax.set_ylabel("CKA(last-layer CLS, CLS@layer)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"CKA with the last layer {title}".strip(), fontsize=10)
+    for ax in fig.axes[:len(panels)]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save(fig, path)
