@@ -14,12 +14,14 @@ def main(cfg: DictConfig):
     from pathlib import Path
 
     from alfusion.experiment import TASKS
+    from alfusion.sweep import run_job
 
     # Lightning has its own console handler; Hydra's root handler would print it all twice.
     logging.getLogger("lightning.pytorch").propagate = False
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}: use one of {sorted(TASKS)}")
-    return TASKS[cfg.task](cfg, Path(HydraConfig.get().runtime.output_dir))
+    # run_job: in a multirun a failed job is recorded and the sweep goes on (alfusion/sweep.py)
+    return run_job(TASKS[cfg.task], cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

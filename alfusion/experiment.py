@@ -51,7 +51,14 @@ def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
 
 
 def run_train(cfg, run_dir: Path) -> dict:
-    """Cached mode: features from the cache, the search, one test evaluation, all logged."""
+    """Cached mode: features from the cache, the search, one test evaluation, all logged.
+    ``mode=end2end`` and fine-tuning probes train through the backbone instead."""
+    if cfg.mode == "end2end" or cfg.probe.get("finetune"):
+        from alfusion.end2end_run import run_end2end
+
+        return run_end2end(cfg, run_dir)
+    if cfg.mode != "cached":
+        raise ValueError(f"unknown mode {cfg.mode!r}: use cached or end2end")
     device = resolve_device(cfg.device)
     analysis.requested(cfg)  # a misspelt analysis fails before any work
     logger = tracking.make_logger(cfg)

@@ -12,10 +12,13 @@ from omegaconf import OmegaConf
 MAX_PARAM_LENGTH = 500
 
 
-def make_logger(cfg) -> MLFlowLogger | None:
-    """The run's MLflow logger (SQLite store under outputs/ by default), or None."""
+def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:
+    """The run's MLflow logger (SQLite store under outputs/ by default), or None (also on every
+    DDP rank but rank 0). ``run_id`` continues that run (resume) instead of starting one."""
+    from alfusion.distributed import is_global_zero
+
     log_cfg = cfg.logger
-    if log_cfg.get("name", "mlflow") != "mlflow":
+    if log_cfg.get("name", "mlflow") != "mlflow" or not is_global_zero():
         return None
     uri = log_cfg.tracking_uri
     artifacts = log_cfg.get("artifact_location")
@@ -30,7 +33,8 @@ def make_logger(cfg) -> MLFlowLogger | None:
     if sweep_id() and "sweep" not in tags:
         tags["sweep"] = sweep_id()  # python -m alfusion.report --sweep <id> selects the sweep
     return MLFlowLogger(experiment_name=log_cfg.experiment, run_name=log_cfg.get("run_name"),
-                        tracking_uri=uri, tags=tags or None, artifact_location=artifacts)
+                        tracking_uri=uri, tags=tags or None, artifact_location=artifacts,
+                        run_id=run_id)
 
 
 def sweep_id() -> str | None:

@@ -134,11 +134,21 @@ class FeatureBatches:
 
 
 def make_trainer(trainer_cfg, max_steps: int, logger=False, **overrides) -> L.Trainer:
+def resolve_precision(trainer_cfg) -> str:
+    """``precision: auto``: bf16-mixed where the trainer runs on CUDA, else 32-true."""
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
     """A Lightning Trainer for one probe fit, from a ``conf/trainer`` config."""
     kwargs = dict(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
-        precision=trainer_cfg.precision,
+        num_nodes=trainer_cfg.get("num_nodes", 1),
+        strategy=trainer_cfg.get("strategy", "auto"),
+        precision=resolve_precision(trainer_cfg),
         max_steps=max_steps,
         max_epochs=-1,
         gradient_clip_val=5.0,

@@ -1,0 +1,181 @@
+"""Data parallelism helpers: who am I, which samples are mine, and batch statistics over ranks.
+
+Every rank draws the same per-epoch permutation and keeps every world-th index of it, so the
+union of the ranks' k-th batches is the k-th batch of a single process with the global batch:
+a DDP run trains the same model as one process on the same data. The tail of N % world samples
+is dropped each epoch (never padded): ranks see disjoint samples and the same number of batches,
+so no rank waits for a batch another rank does not have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import IterableDataset, Sampler, get_worker_info
+
+RANK_VARS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
+
+
+def is_global_zero() -> bool:
+    """True in the process that logs and writes results (before or after a Trainer exists).
+
+    A Lightning DDP child has LOCAL_RANK > 0, another node NODE_RANK > 0, a SLURM task
+    SLURM_PROCID > 0, torchrun RANK > 0.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in RANK_VARS)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``; the same formula as cached mode's FeatureBatches."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class RankSampler(Sampler[int]):
+    """Indices 0..n-1 for one rank: every world-th of the epoch's order, starting at ``rank``.
+
+    Lightning calls ``set_epoch`` before each epoch (also after a resume), so the order of an
+    epoch does not depend on how many epochs this process has run.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        if n < world:
+            raise ValueError(f"{n} samples cannot be split over {world} ranks")
+        self.n, self.rank, self.world = n, rank, world
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def indices(self) -> list[int]:
+        order = (epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle
+                 else torch.arange(self.n))
+        used = len(self) * self.world
+        return order[:used][self.rank::self.world].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+
+class RankSlice(IterableDataset):
+    """A streamed dataset of known length n, split over ranks, shuffled through a buffer.
+
+    Each rank gets exactly n // world samples (equal batch counts on every rank: none waits for
+    a batch another rank lacks). A source with ``with_window``/``with_block`` (the webdataset
+    source) reads only its rank's contiguous row window and splits it over DataLoader workers
+    itself; any other source is read whole, rank r keeping stream positions i % world == r and
+    its workers taking turns. ``shuffle_buffer`` > 1 shuffles within a buffer of that many
+    samples, seeded from the DataLoader's per-epoch worker seed (drawn from torch's global
+    generator, which checkpoints carry, so a resumed run shuffles as the uninterrupted one).
+    """
+
+    def __init__(self, dataset, n: int, rank: int, world: int, batch_size: int = 1,
+                 shuffle_buffer: int = 0) -> None:
+        self.dataset, self.n, self.rank, self.world = dataset, n, rank, world
+        self.shuffle_buffer = shuffle_buffer
+        if hasattr(dataset, "with_window"):
+            m = n // world
+            self.source = dataset.with_window(rank * m, (rank + 1) * m).with_block(batch_size)
+        else:
+            self.source = None
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def _items(self):
+        if self.source is not None:
+            yield from self.source  # splits over workers by itself
+            return
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        mine = 0
+        for i, item in enumerate(self.dataset):
+            if i % self.world != self.rank:
+                continue
+            if mine >= len(self):
+                return
+            if mine % workers == worker:
+                yield item
+            mine += 1
+
+    def __iter__(self):
+        if self.shuffle_buffer <= 1:
+            yield from self._items()
+            return
+        info = get_worker_info()
+        seed = info.seed if info else int(torch.randint(2**62, ()))
+        g = torch.Generator().manual_seed((seed + 7919 * self.rank) % 2**63)
+        buffer = []
+        for item in self._items():
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
+        while buffer:
+            yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch over all ranks.
+
+    torch's SyncBatchNorm runs on GPUs only; this one also runs on CPU (gloo). Sums are
+    all-reduced with the differentiable collective, so gradients match one process holding the
+    whole batch. x: (B, D) -> (B, D). Outside training or without a process group it is
+    BatchNorm1d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        import warnings
+
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype)
+        stats = torch.cat([x.sum(0), (x * x).sum(0), count])
+        with warnings.catch_warnings():  # its suggested successor has no autograd for all_reduce
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(stats)
+        d = x.shape[1]
+        n = stats[-1]
+        mean = stats[:d] / n
+        var = stats[d:2 * d] / n - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 1 / (1 + self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+            self.num_batches_tracked.add_(1)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def use_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d in ``module`` for GlobalBatchNorm1d, keeping its state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device=child.weight.device
+                                    if child.affine else None)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            use_global_batchnorm(child)
+    return module
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Batches per epoch of each rank for n samples and a global batch of ``batch_size``."""
+    return math.ceil((n // world) / (batch_size // world))

@@ -1,0 +1,134 @@
+"""Checkpoints and resume: a run's state file says which MLflow run and checkpoints it owns.
+
+``<run dir>/resume.json`` holds the config fingerprint, the MLflow run id, the results of the
+finished fit stages ("val", "final") and whether the run finished. ``resume=true`` continues the
+newest unfinished run with the same fingerprint under ``paths.root``; ``ckpt_path=FILE``
+continues the run that holds FILE. Either way training goes on from the checkpoint and logs
+into the same MLflow run.
+
+Under DDP only rank 0 decides which run to continue: it passes the decision to the ranks it
+launches in the environment (they inherit it), so every rank loads the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from alfusion.distributed import is_global_zero
+
+STATE_FILE = "resume.json"
+ENV_RESUME_DIR = "ALFUSION_RESUME_DIR"
+# Keys that say how to run, not what: they may change between a run and its resume.
+NOT_IDENTITY = ("resume", "ckpt_path", "trainer", "logger", "extract", "device")
+
+
+def config_fingerprint(cfg) -> str:
+    """sha256 of the resolved config without the keys that may change on resume."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IDENTITY:
+        data.pop(key, None)
+    data.get("end2end", {}).pop("num_workers", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunState:
+    """The resume.json of one run folder; only rank 0 writes it."""
+
+    def __init__(self, run_dir: Path, data: dict) -> None:
+        self.run_dir, self.data = Path(run_dir), data
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunState:
+        return cls(run_dir, json.loads((Path(run_dir) / STATE_FILE).read_text()))
+
+    def save(self) -> None:
+        if not is_global_zero():
+            return
+        path = self.run_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        tmp.replace(path)  # never a half-written state file
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.run_dir / "checkpoints" / stage
+
+    def stage(self, stage: str) -> dict | None:
+        """The saved results of a finished stage, or None."""
+        return self.data.setdefault("stages", {}).get(stage)
+
+    def finish_stage(self, stage: str, results: dict) -> None:
+        self.data.setdefault("stages", {})[stage] = results
+        self.save()
+
+
+def find_unfinished(root: Path, fingerprint: str) -> Path | None:
+    """The newest run folder under root with this fingerprint that did not finish."""
+    found = []
+    for path in Path(root).rglob(STATE_FILE):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("fingerprint") == fingerprint and not data.get("finished"):
+            found.append((path.stat().st_mtime, path.parent))
+    return max(found)[1] if found else None
+
+
+def run_folder_of(ckpt_path: str) -> Path:
+    """The run folder holding a checkpoint file (the nearest parent with a resume.json)."""
+    path = Path(ckpt_path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+    for parent in path.parents:
+        if (parent / STATE_FILE).exists():
+            return parent
+    raise FileNotFoundError(f"ckpt_path={ckpt_path} is not inside an alfusion run folder (no "
+                            f"{STATE_FILE} above it): pass a checkpoint under "
+                            "<run folder>/checkpoints/")
+
+
+def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
+    """(state of the run to write into, whether it continues an earlier run).
+
+    Rank 0 picks the run (``ckpt_path``, ``resume=true`` or a new one) and exports the choice;
+    other ranks read the export, so all ranks agree even while rank 0 writes state files.
+    """
+    fingerprint = config_fingerprint(cfg)
+    if is_global_zero():
+        previous = None
+        if cfg.get("ckpt_path"):
+            previous = run_folder_of(cfg.ckpt_path)
+        elif cfg.get("resume"):
+            previous = find_unfinished(Path(cfg.paths.root), fingerprint)
+            if previous is None:
+                print(f"[alfusion] resume=true: no unfinished run with this config under "
+                      f"{cfg.paths.root}; starting a new run")
+        os.environ[ENV_RESUME_DIR] = str(previous or "")
+    else:
+        previous = Path(os.environ[ENV_RESUME_DIR]) if os.environ.get(ENV_RESUME_DIR) else None
+    if previous is not None:
+        state = RunState.load(previous)
+        if state.data.get("fingerprint") != fingerprint and is_global_zero():
+            print(f"[alfusion] note: continuing {previous} with a changed config")
+        return state, True
+    state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False))
+    state.save()
+    return state, False
+
+
+def checkpoint_to_resume(cfg, state: RunState, stage: str, resuming: bool) -> str | None:
+    """The checkpoint a stage's fit continues from: ckpt_path if it is this stage's, else the
+    stage's last.ckpt of the continued run, else None (start the stage fresh)."""
+    if not resuming:
+        return None
+    if cfg.get("ckpt_path"):
+        ckpt = Path(cfg.ckpt_path).expanduser().resolve()
+        if ckpt.parent.name == stage:
+            return str(ckpt)
+    last = state.checkpoint_dir(stage) / "last.ckpt"
+    return str(last) if last.exists() else None
