@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
@@ -26,6 +26,9 @@ def resolve_device(name: str) -> torch.device:
 def split_tokens(cfg, split: str, device: torch.device):
     """(tokens (N, T, D) or (N, F), labels (N,), token set, entry) of a cached split."""
     entry = load_or_extract(cfg, split, device)
+    if cfg.dataset.get("num_classes") is None and entry.meta.get("num_classes"):
+        with open_dict(cfg):  # dataset=wds|folder: classnames.txt or the class folders decide
+            cfg.dataset.num_classes = entry.meta["num_classes"]
     token_set = build_token_set(cfg.probe, num_layers=len(entry.dims))
     arrays = {n: torch.from_numpy(entry.array(n)) for n in ("cls", "ap", "tokens")
               if entry.has(n)}
@@ -147,7 +150,7 @@ def run_evaluate(cfg, run_dir: Path) -> dict:
 def run_extract(cfg, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     out = {}
-    for split in cfg.get("splits", ["train", "test"]):
+    for split in cfg.extract.get("splits", ["train", "test"]):
         entry = load_or_extract(cfg, split, device)
         out[split] = dict(path=str(entry.path), rows=len(entry))
         print(f"[alfusion] {split}: {len(entry)} rows in {entry.path}")
