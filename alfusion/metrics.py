@@ -14,18 +14,19 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
     """logits (N, C), targets (N,) -> bal_acc, acc1, acc5 (if C >= 5), per_class_recall.
 
     Balanced accuracy is the mean recall over the classes present in ``targets``; absent
-    classes are left out rather than counted as zero. per_class_recall has NaN for them.
+    classes are left out rather than counted as zero (a class with no test sample has no
+    recall). per_class_recall is a list of C values, None for absent classes (JSON-safe).
+    top-1 / top-5 are the plain (micro) accuracies.
     """
     logits, targets = logits.float().cpu(), targets.long().cpu()
     confusion = multiclass_confusion_matrix(logits, targets, num_classes).double()
-    support = confusion.sum(dim=1)
-    recall = confusion.diagonal() / support.clamp(min=1)
-    recall[support == 0] = float("nan")
+    support = confusion.sum(dim=1)  # (C,) samples of each true class
     present = support > 0
+    recall = confusion.diagonal() / support.clamp(min=1)
     out = dict(
         bal_acc=float(recall[present].mean()),
         acc1=float(multiclass_accuracy(logits, targets, num_classes, average="micro")),
-        per_class_recall=[float(r) for r in recall],
+        per_class_recall=[float(r) if p else None for r, p in zip(recall, present, strict=True)],
     )
     if num_classes >= 5:
         out["acc5"] = float(multiclass_accuracy(logits, targets, num_classes, top_k=5,
