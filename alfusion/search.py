@@ -7,6 +7,7 @@ a trained model to score. Validation is a stratified 20 % of the train split wit
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from alfusion.metrics import classification_metrics
-from alfusion.training import HParams, fit_probe, predict
+from alfusion.probes.bank import fit_grid, fresh_probe
+from alfusion.training import HParams, NonFiniteLoss, fit_probe, predict
+
+log = logging.getLogger(__name__)
 
 
 def expand_grid(search_cfg, attentive: bool) -> list[HParams]:
@@ -60,10 +64,26 @@ class SearchResult:
 
 
 def train_grid(configs: list[HParams], make_probe: Callable, x, y, num_classes, train_cfg,
-               trainer_cfg, seed) -> list[torch.nn.Module]:
-    """Train every configuration on (x, y); one after another."""
-    return [fit_probe(make_probe(hp), hp, x, y, num_classes, train_cfg, trainer_cfg, seed)
-            for hp in configs]
+               trainer_cfg, seed, bank: bool = True) -> list[torch.nn.Module | NonFiniteLoss]:
+    """Train every configuration on (x, y): all at once as a ProbeBank (``bank``, split
+    across ranks when torch.distributed is initialised), or one after another.
+
+    Returns one entry per configuration, in order: the trained model, or the NonFiniteLoss
+    of a configuration whose loss became NaN/inf. A diverged configuration must not change
+    the others (one by one each fit starts from its own seeded state; in the bank probes
+    never interact). Either way every probe starts from the weights ``seed`` gives.
+    """
+    if bank:
+        return fit_grid(configs, make_probe, x, y, num_classes, train_cfg, seed,
+                        precision=trainer_cfg.precision)
+    out: list[torch.nn.Module | NonFiniteLoss] = []
+    for hp in configs:
+        try:
+            out.append(fit_probe(fresh_probe(make_probe, hp, seed), hp, x, y, num_classes,
+                                 train_cfg, trainer_cfg, seed))
+        except NonFiniteLoss as err:
+            out.append(err)
+    return out
 
 
 def run_search(make_probe: Callable[[HParams], torch.nn.Module], configs: list[HParams],
@@ -86,20 +106,32 @@ def run_search(make_probe: Callable[[HParams], torch.nn.Module], configs: list[H
     best = configs[0]
     if len(configs) > 1 or search_cfg.validate:
         models = train_grid(configs, make_probe, x[fit_idx], y[fit_idx], num_classes,
-                            cfg.train, cfg.trainer, cfg.seed)
+                            cfg.train, cfg.trainer, cfg.seed, bank=search_cfg.get("bank", True))
+        scores = []
         for hp, model in zip(configs, models, strict=True):
+            if isinstance(model, NonFiniteLoss):  # diverged: recorded, never chosen
+                log.warning("configuration %s failed: %s", hp.name, model)
+                grid.append(dict(hp.__dict__, failed=str(model)))
+                scores.append(float("-inf"))
+                continue
             metrics = classification_metrics(predict(model, x[val_idx]), y[val_idx], num_classes)
             grid.append(dict(hp.__dict__, **{k: v for k, v in metrics.items()
                                               if k != "per_class_recall"}))
-        scores = [g["bal_acc"] for g in grid]
+            scores.append(metrics["bal_acc"])
+        if all(s == float("-inf") for s in scores):
+            failures = [g["failed"] for g in grid]
+            more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+            raise NonFiniteLoss(f"all {len(failures)} configurations of the grid diverged: "
+                                f"{'; '.join(failures[:3])}{more}. Check the features for "
+                                "NaN/inf or lower the learning rates")
         chosen = int(np.argmax(scores))  # first of equals: grid order breaks ties
         best = configs[chosen]
         val = classification_metrics(predict(models[chosen], x[val_idx]), y[val_idx],
                                      num_classes)
     search_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = fit_probe(make_probe(best), best, x[final_idx], y[final_idx], num_classes,
-                      cfg.train, cfg.trainer, cfg.seed, logger=logger)
+    model = fit_probe(fresh_probe(make_probe, best, cfg.seed), best, x[final_idx],
+                      y[final_idx], num_classes, cfg.train, cfg.trainer, cfg.seed, logger=logger)
     fit_seconds = time.perf_counter() - t0
     test_metrics = classification_metrics(predict(model, test[0]), test[1], num_classes)
     return SearchResult(best, model, val, test_metrics, grid, fit_samples=len(final_idx),

@@ -92,7 +92,8 @@ class ProbeModule(L.LightningModule):
         loss = F.cross_entropy(self.probe(x), y, weight=self.class_weights)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step} "
-                                f"of configuration {self.hp.name}")
+                                f"of configuration {self.hp.name}: lower the learning rate "
+                                "or check the features for NaN/inf")
         self.log("train/loss", loss, on_step=True, prog_bar=True)  # sent every 25 steps
         return loss
 
@@ -133,7 +134,6 @@ class FeatureBatches:
             yield self.x[idx], self.y[idx]
 
 
-def make_trainer(trainer_cfg, max_steps: int, logger=False, **overrides) -> L.Trainer:
 def resolve_precision(trainer_cfg) -> str:
     """``precision: auto``: bf16-mixed where the trainer runs on CUDA, else 32-true."""
     if trainer_cfg.precision != "auto":
@@ -142,6 +142,7 @@ def resolve_precision(trainer_cfg) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
+def make_trainer(trainer_cfg, max_steps: int, logger=False, **overrides) -> L.Trainer:
     """A Lightning Trainer for one probe fit, from a ``conf/trainer`` config."""
     kwargs = dict(
         accelerator=trainer_cfg.accelerator,
