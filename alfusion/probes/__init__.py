@@ -13,6 +13,10 @@ __all__ = ["AttentiveProbe", "LinearProbe", "build_probe", "build_token_set"]
 
 def build_token_set(probe_cfg, num_layers: int) -> TokenSet:
     layers = resolve_layers(probe_cfg.layers, num_layers)
+    if probe_cfg.tokens == "all" and layers != [num_layers]:
+        # The cache holds all tokens of the final output only; other layers would be ignored.
+        raise ValueError(f"probe.tokens=all uses the final output only, but probe.layers="
+                         f"{probe_cfg.layers}: set probe.layers=last")
     return TokenSet(tuple(layers), probe_cfg.tokens, flat=probe_cfg.kind == "linear")
 
 
