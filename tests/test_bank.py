@@ -61,11 +61,14 @@ class StreamDropout(nn.Module):
         return attn if mask is None else attn * mask
 
 
-def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, seed: int):
+def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, seed: int,
+                jitter_draws: str = "per_probe"):
     """The reference: one probe, torch.optim.AdamW + CosineAnnealingLR + clip_grad_norm_,
-    the same batches, and jitter/dropout drawn from the probe's own ProbeStream."""
+    the same batches, and jitter/dropout drawn from the probe's own ProbeStream (jitter
+    from the seed's shared stream with ``jitter_draws="shared"``)."""
     probe = fresh_probe(make_probe, hp, seed).train()
     stream = ProbeStream(probe_seed(seed, hp))
+    jitter_stream = stream if jitter_draws == "per_probe" else ProbeStream(probe_seed(seed, None))
     if isinstance(probe, AttentiveProbe):
         probe.attn_drop = StreamDropout(stream, hp.dropout)
     opt = torch.optim.AdamW(probe.parameters(), lr=hp.lr, weight_decay=hp.wd, betas=(0.9, 0.999))
@@ -73,7 +76,7 @@ def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, 
     batches, done = FeatureBatches(x, y, batch, seed=seed), 0
     while done < steps:
         for xb, yb in batches:
-            xj = stream.jitter(xb, TRAIN.jitter_p, TRAIN.jitter_sigma)
+            xj = jitter_stream.jitter(xb, TRAIN.jitter_p, TRAIN.jitter_sigma)
             loss = F.cross_entropy(probe(xj), yb, weight=weights)
             opt.zero_grad()
             loss.backward()
@@ -86,11 +89,12 @@ def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, 
     return probe
 
 
-def train_bank(make_probe, configs, x, y, weights, batch, steps, seed, chunk=None):
+def train_bank(make_probe, configs, x, y, weights, batch, steps, seed, chunk=None,
+               jitter_draws="per_probe"):
     probes = [fresh_probe(make_probe, hp, seed) for hp in configs]
     bank = ProbeBank.from_probes(probes, [hp.dropout for hp in configs])
     trainer = BankTrainer(bank, configs, steps, weights, seed, TRAIN.jitter_p,
-                          TRAIN.jitter_sigma, chunk=chunk)
+                          TRAIN.jitter_sigma, jitter_draws, chunk=chunk)
     batches = FeatureBatches(x, y, batch, seed=seed)
     while trainer.step_count < steps:
         for xb, yb in batches:
@@ -129,18 +133,24 @@ def assert_same_probe(a: nn.Module, b: nn.Module, x: torch.Tensor, dropout: floa
             torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=rtol,
                                        msg=lambda m, k=k: f"{what} {k}: {m}")
     with torch.no_grad():
-        torch.testing.assert_close(batch_stat_logits(a, x), batch_stat_logits(b, x), atol=atol,
-                                   rtol=rtol, msg=lambda m: f"{what} logits: {m}")
+        la, lb = batch_stat_logits(a, x), batch_stat_logits(b, x)
+    # Logits pass through BatchNorm's 1/std and a dozen lr-0.1 AdamW steps amplify fp32
+    # rounding: a looser, magnitude-scaled tolerance (wrong lr/decay/clip moves them by >1e-2).
+    torch.testing.assert_close(la, lb, atol=5e-4 * max(1.0, float(lb.abs().max())), rtol=1e-3,
+                               msg=lambda m: f"{what} logits: {m}")
 
 
-@pytest.mark.parametrize("kind", ["linear", "attentive"])
-def test_bank_equals_each_probe_trained_alone(kind):
+@pytest.mark.parametrize("kind,jitter_draws", [("linear", "per_probe"),
+                                                ("attentive", "per_probe"),
+                                                ("attentive", "shared")])
+def test_bank_equals_each_probe_trained_alone(kind, jitter_draws):
     """G configurations (3 lr, several wd, dropout 0 / 0.1 / 0.3 for attentive), 12 steps with
     jitter on: every probe's weights and BatchNorm variance equal the lone AdamW run's, and
     so do its logits (BN on batch statistics; see BN_CANCELLED for the rest).
 
     Dropout > 0 runs in training mode here: the lone run draws its masks from the same
-    per-probe ProbeStream as the bank (torch's own nn.Dropout stream would differ)."""
+    per-probe ProbeStream as the bank (torch's own nn.Dropout stream would differ). Chunks
+    of 3 probes cover both the per-probe-input pass and the one-probe pass."""
     seed, classes, batch, steps = 3, 5, 16, 12
     if kind == "linear":
         x, y = clustered(56, (24,), classes)
@@ -152,9 +162,9 @@ def test_bank_equals_each_probe_trained_alone(kind):
         configs = [HParams(0.1, 1e-6, 0.0), HParams(0.01, 1.0, 0.1),
                    HParams(0.001, 1e-2, 0.3), HParams(0.01, 1e-4, 0.0)]
     weights = class_weights(y, classes)
-    bank = train_bank(make, configs, x, y, weights, batch, steps, seed, chunk=3)
+    bank = train_bank(make, configs, x, y, weights, batch, steps, seed, 3, jitter_draws)
     for g, hp in enumerate(configs):
-        alone = train_alone(make, hp, x, y, weights, batch, steps, seed)
+        alone = train_alone(make, hp, x, y, weights, batch, steps, seed, jitter_draws)
         exported = bank.export(g)
         assert type(exported) is type(alone)
         if kind == "attentive":
@@ -242,6 +252,7 @@ def test_grid_slice_covers_every_configuration_once():
 
 def _sharded_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
+    torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         x, y = clustered(40, (12,), 3, seed=2)
@@ -256,7 +267,9 @@ def test_grid_split_across_two_gloo_ranks_equals_one_bank(tmp_path):
     """Two CPU ranks (gloo) each train their slice of 5 configurations; after the gather,
     both hold all 5 probes, equal to the single-process bank."""
     out = str(tmp_path / "probes")
-    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    # fork: the ranks inherit the imported modules (spawn re-imports torch and Lightning).
+    mp.start_processes(_sharded_worker, args=(2, str(tmp_path / "store"), out), nprocs=2,
+                       join=True, start_method="fork")
     x, y = clustered(40, (12,), 3, seed=2)
     configs = [HParams(lr, wd) for lr in (0.1, 0.01) for wd in (1e-6, 1e-2, 1.0)][:5]
     whole = fit_bank(configs, lambda hp: LinearProbe(12, 3), x, y, 3, TRAIN, seed=1)

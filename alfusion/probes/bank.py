@@ -65,14 +65,17 @@ class ProbeStream:
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def jitter(self, x: torch.Tensor, p: float, sigma: float) -> torch.Tensor:
-        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p."""
+    def jitter(self, x: torch.Tensor, p: float, sigma: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p,
+        written into ``out`` (B, ...) when given (the bank fills its (G, B, ...) input)."""
         if p <= 0 or sigma <= 0:
-            return x
+            return x if out is None else out.copy_(x)
         gen = self.generator
         keep = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).to(x.dtype)
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        return x + keep.view(-1, *([1] * (x.dim() - 1))) * sigma * noise
+        out = torch.empty_like(x) if out is None else out
+        torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype, out=out)
+        return out.mul_((keep * sigma).view(-1, *([1] * (x.dim() - 1)))).add_(x)
 
     def dropout(self, shape: Sequence[int], p: float, device: torch.device | str
                 ) -> torch.Tensor | None:
@@ -204,16 +207,21 @@ def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, x: torch.Tens
     qn = F.layer_norm(p["query"].reshape(G, D), (D,), eps=spec.eps_q)
     qn = qn * p["norm_q.weight"] + p["norm_q.bias"]
     q = torch.einsum("gd,gad->ga", qn, p["q.weight"]).view(G, H, E)
+    # The query mapped back into token space, with LN_k's gain and the softmax scale folded
+    # in: (G, H, D), parameter-sized, so no per-token elementwise work.
     u = torch.einsum("ghe,ghed->ghd", q, p["k.weight"].view(G, H, E, D))
-    u = u * p["norm_k.weight"][:, None, :]  # query mapped back into token space (G, H, D)
+    u = u * (p["norm_k.weight"] * spec.scale)[:, None, :]
     scores = torch.einsum("btd,ghd->gbht" if shared else "gbtd,ghd->gbht", xhat, u)
-    attn = (scores * spec.scale).float().softmax(dim=-1)  # (G, B, H, T)
+    attn = scores.float().softmax(dim=-1)  # (G, B, H, T)
     if drop is not None:
         attn = attn * drop
     z = torch.einsum("gbht,btd->gbhd" if shared else "gbht,gbtd->gbhd", attn, xhat)
-    z = z * p["norm_v.weight"][:, None, None, :] \
-        + attn.sum(-1, keepdim=True) * p["norm_v.bias"][:, None, None, :]
-    out = torch.einsum("gbhd,ghed->gbhe", z, p["v.weight"].view(G, H, E, D)).flatten(2)
+    # LN_v's affine folds into W_v: W_v (g * z + s * b) = (W_v diag g) z + s * (W_v b), with
+    # s = sum_t attn (1 without dropout).
+    w_v = p["v.weight"].view(G, H, E, D)
+    out = torch.einsum("gbhd,ghed->gbhe", z, w_v * p["norm_v.weight"][:, None, None, :])
+    shift = torch.einsum("ghed,gd->ghe", w_v, p["norm_v.bias"])
+    out = (out + attn.sum(-1, keepdim=True) * shift[:, None]).flatten(2)  # (G, B, A)
     pooled = torch.einsum("gba,gda->gbd", out, p["proj.weight"]) + p["proj.bias"][:, None, :]
     h = _batch_norm(pooled, p["bn.weight"], p["bn.bias"], buffers, training, spec)
     return torch.einsum("gbd,gcd->gbc", h, p["head.weight"]) + p["head.bias"][:, None, :]
@@ -365,9 +373,11 @@ class BankTrainer:
             return xb
         if self.jitter_draws == "shared":
             return self._shared_x
+        if g1 - g0 == 1:  # one probe: its own draw, on the cheaper shared-input path
+            return self.streams[g0].jitter(xb, p, sigma)
         out = torch.empty((g1 - g0, *xb.shape), dtype=xb.dtype, device=xb.device)
         for i, g in enumerate(range(g0, g1)):
-            out[i] = self.streams[g].jitter(xb, p, sigma)
+            self.streams[g].jitter(xb, p, sigma, out=out[i])
         return out
 
     def _dropout(self, batch: int, num_tokens: int, g0: int, g1: int) -> torch.Tensor | None:
@@ -438,11 +448,14 @@ def fresh_probe(make_probe: Callable[[HParams], nn.Module], hp: HParams, seed: i
 
 def auto_chunk(bank: ProbeBank, batch: int, sample_shape: Sequence[int], per_probe_inputs: bool,
                budget_bytes: int | None = None) -> int:
-    """How many probes go through one pass: all that fit in ``budget_bytes`` (default: half
-    the free GPU memory, or 2 GiB on the CPU, where smaller passes also stay in cache)."""
+    """How many probes go through one pass: all whose activations fit in ``budget_bytes``
+    (default: half the free GPU memory; on the CPU 2 GiB, and one probe at a time with
+    per-probe inputs, which measured fastest there: a pass then stays cache-sized)."""
     if budget_bytes is None:
         if bank.device.type == "cuda":
             budget_bytes = torch.cuda.mem_get_info(bank.device)[0] // 2
+        elif per_probe_inputs:
+            return 1
         else:
             budget_bytes = 2 << 30
     per = activation_bytes_per_probe(bank, batch, sample_shape, per_probe_inputs)

@@ -1,0 +1,86 @@
+"""Grid efficiency: time(bank of G) / (G x time(one probe)), per optimiser step.
+
+ALF on ViT-B-sized features (24 tokens x 768, 24 heads, head_dim 64), N = 20,000 cached
+samples (fp16, as in the cache), C = 10, batch 2048 (the shrink rule's batch for N = 20k),
+the paper's grid values (lr x wd x dropout, G = 21: dropout 0 only, G = 63: all three).
+"One probe" is our single fit (a bank of one: same code, same batches). A ratio below 1 means
+the bank is cheaper than training the configurations one after another.
+
+On a CPU the arithmetic per probe cannot be shared (every probe has its own weights and,
+with ``jitter_draws=per_probe``, its own jittered input), so the bank saves only the batch
+gather, the dispatch overhead and, with ``shared`` draws, the LayerNorm and jitter noise;
+on a GPU the bank mostly fills an otherwise idle device. Each step is timed whole; the bank
+steps are few because one of them trains G probes. Wall and process-CPU time are both
+reported: on a shared machine the CPU time is the steadier of the two
+(``python -m benchmarks grid``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from alfusion.probes import AttentiveProbe
+from alfusion.probes.bank import BankTrainer, ProbeBank, auto_chunk, fresh_probe
+from alfusion.training import FeatureBatches, HParams, batch_size_for, class_weights
+
+N, T, D, C = 20_000, 24, 768, 10
+LRS, WDS, DROPS = (0.1, 0.01, 0.001), tuple(10.0 ** -k for k in range(6, -1, -1)), (0, .1, .3)
+
+
+def grid(size: int) -> list[HParams]:
+    drops = DROPS if size == 63 else (0.0,)
+    return [HParams(lr, wd, d) for lr in LRS for wd in WDS for d in drops][:size]
+
+
+def step_times(configs, x, y, weights, batch, steps, warmup, jitter_draws
+               ) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds of a training step of a bank of ``configs``."""
+    make = lambda hp: AttentiveProbe(D, C, num_heads=T, attn_drop=hp.dropout)
+    bank = ProbeBank.from_probes([fresh_probe(make, hp, 0) for hp in configs])
+    chunk = auto_chunk(bank, batch, (T, D), jitter_draws == "per_probe")
+    trainer = BankTrainer(bank, configs, 1000, weights, seed=0, jitter_draws=jitter_draws,
+                          chunk=chunk)
+    it = iter(FeatureBatches(x, y, batch, seed=0))
+    walls, cpus = [], []
+    for i in range(warmup + steps):
+        xb, yb = next(it)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.step(xb, yb)
+        if i >= warmup:
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
+         modes=("per_probe", "shared")) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.empty(N, T, D, dtype=torch.float16)
+    for i in range(0, N, 2000):  # generated in slices: fp32 for all of N would be 1.5 GB
+        x[i:i + 2000] = F.normalize(torch.randn(min(2000, N - i), T, D, generator=g), dim=-1)
+    y = torch.arange(N) % C
+    weights = class_weights(y, C)
+    batch = batch_size_for(N)
+    print(f"ALF bank, N={N}, {T}x{D} tokens (fp16 cache), C={C}, batch {batch}, fp32 on "
+          f"{torch.get_num_threads()} CPU threads")
+    out = {}
+    for mode in modes:
+        one = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
+        print(f"  jitter_draws={mode}: one probe {one[0]:.2f} s/step wall, {one[1]:.2f} s CPU "
+              f"(median of {single_steps})", flush=True)
+        for G in sizes:
+            t = step_times(grid(G), x, y, weights, batch, bank_steps, 0, mode)
+            ratio = [t[i] / (G * one[i]) for i in range(2)]
+            out[(mode, G)] = ratio
+            print(f"    G={G:3d}: bank {t[0]:7.2f} s/step wall, {t[1]:7.2f} s CPU; ratio "
+                  f"bank / (G x one probe): wall {ratio[0]:.3f}, CPU {ratio[1]:.3f}   "
+                  "[CPU: must be < 1; GPU target <= 0.1]", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
