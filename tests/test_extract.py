@@ -182,7 +182,7 @@ def test_dataloader_workers_give_the_same_entry(tmp_path):
     assert_same_entry(serial, workers)
 
 
-def test_extract_cli_on_a_webdataset_and_an_image_folder(tmp_path):
+def test_extract_cli_on_a_webdataset(tmp_path):
     root = write_digits_wds(tmp_path / "wds", train=20, test=12, shard_size=8)
     proc = run_cli("task=extract", *tiny_overrides(tmp_path / "out"), "dataset=wds",
                    f"dataset.root={root}")
