@@ -57,7 +57,12 @@ def synthetic_run(tmp_path_factory):
     write_synthetic_cache(cfg)
     run_dir = root / "run"
     run_dir.mkdir()
-    summary = run_train(cfg, run_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only waits (3x slower when busy)
+    try:
+        summary = run_train(cfg, run_dir)
+    finally:
+        torch.set_num_threads(threads)
     return cfg, run_dir, summary
 
 

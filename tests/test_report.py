@@ -77,9 +77,11 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_cli_run_logs_to_a_server_and_the_report_reads_it_back(mlflow_server, tmp_path):
+def test_cli_run_logs_to_a_server_and_the_report_reads_it_back(mlflow_server, tmp_path,
+                                                                monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny tensors: a second thread only waits
     url, server_root = mlflow_server
     common = [*tiny_overrides(tmp_path), f"logger.tracking_uri={url}", "+logger.tags.suite=report"]
     run_cli(*common, "probe=alf", "analysis=[layers,cka]", "cka.samples=40")

@@ -62,6 +62,9 @@ def cka_matrix(features: torch.Tensor, kernel: str = "linear", sigma: float = 0.
 
     Memory: F U-centred (n, n) matrices, i.e. F * n^2 * 8 bytes in float64.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown CKA kernel {kernel!r}: use {' or '.join(KERNELS)} "
+                         "(cka.kernels)")
     feats = features.double()
     u = torch.stack([u_center(KERNELS[kernel](f, sigma)).flatten() for f in feats])
     gram = u @ u.T  # (F, F): n(n-3) HSIC_1 for every pair

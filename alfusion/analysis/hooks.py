@@ -61,7 +61,7 @@ def analyse_run(cfg, run_dir: Path, logger, probe: torch.nn.Module, token_set,
         files += [(f, "layers") for f in layer_files]
         out["layers_best"] = best
     if "cka" in names:
-        cka_curves, cka_files = cka_analysis(cfg, run_dir / "cka", logger, title)
+        cka_curves, cka_files = cka_analysis(cfg, run_dir / "cka", device, logger, title)
         files += [(f, "cka") for f in cka_files]
         out["cka_last_cls"] = cka_curves
     reference = (f"{cfg.probe.name} (this run)", summary["test"]["bal_acc"])
@@ -104,19 +104,20 @@ def layer_analysis(cfg, folder: Path, device, logger):
     return acc, [table], dict(token=labels[best["position"]], bal_acc=best["bal_acc"])
 
 
-def cka_analysis(cfg, folder: Path, logger, title: str = ""
+def cka_analysis(cfg, folder: Path, device, logger, title: str = ""
                  ) -> tuple[dict[str, dict[int, float]], list[Path]]:
     """CKA matrices of all layers' CLS and AP on a train subset; the last-CLS curves."""
     settings = cfg.get("cka") or {}
     folder.mkdir(parents=True, exist_ok=True)
-    entry = load_or_extract(cfg, "train", "cpu")
+    entry = load_or_extract(cfg, "train", device)
     samples = min(int(settings.get("samples", 1000)), len(entry))
     rows = np.sort(np.random.default_rng(cfg.seed).choice(len(entry), samples, replace=False))
     x, labels, positions = layer_tokens(entry, rows)
+    x = x.transpose(0, 1).to(device)  # (2L, n, D): one feature set per token
     num_layers = len(positions) // 2
     files, last_cls = [], {}
     for kernel in settings.get("kernels", ["linear", "rbf"]):
-        matrix = cka_matrix(x.transpose(0, 1), kernel, float(settings.get("sigma", 0.2))).numpy()
+        matrix = cka_matrix(x, kernel, float(settings.get("sigma", 0.2))).cpu().numpy()
         table = folder / f"cka_{kernel}.csv"
         with table.open("w", newline="") as f:
             writer = csv.writer(f)

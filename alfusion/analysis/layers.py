@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 
 from alfusion.analysis.head_bank import head_logits, train_heads
@@ -21,20 +20,22 @@ from alfusion.analysis.plots import new_figure, save
 from alfusion.data.cache import CacheEntry
 from alfusion.metrics import classification_metrics
 from alfusion.search import stratified_split
+from alfusion.tokens import TokenSet
 from alfusion.training import HParams
 
 
 def layer_tokens(entry: CacheEntry, rows: np.ndarray | None = None
                  ) -> tuple[torch.Tensor, list[str], list[tuple[str, int]]]:
-    """Every tapped layer's CLS then AP vector of a cache entry, L2-normalised:
-    (tokens (N, 2L, D) float32, labels ['CLS@1', ..., 'AP@L'], positions [('CLS', 1), ...])."""
-    cls, ap = entry.array("cls"), entry.array("ap")
-    if rows is not None:
-        cls, ap = cls[rows], ap[rows]
-    x = torch.cat([torch.from_numpy(np.asarray(cls)), torch.from_numpy(np.asarray(ap))], dim=1)
+    """Every tapped layer's CLS then AP vector of a cache entry (``rows`` of it), stacked and
+    L2-normalised as ALF sees them (TokenSet): (tokens (N, 2L, D) float32,
+    labels ['CLS@1', ..., 'AP@L'], positions [('CLS', 1), ..., ('AP', L)])."""
+    cls, ap = (np.array(entry.array(n) if rows is None else entry.array(n)[rows])
+               for n in ("cls", "ap"))
     num_layers = cls.shape[1]
+    token_set = TokenSet(tuple(range(1, num_layers + 1)), "cls+ap")
+    x = token_set(torch.from_numpy(cls), torch.from_numpy(ap), dims=entry.dims)
     positions = [(k, i) for k in ("CLS", "AP") for i in range(1, num_layers + 1)]
-    return (F.normalize(x.float(), dim=-1), [f"{k}@{i}" for k, i in positions], positions)
+    return x, [f"{k}@{i}" for k, i in positions], positions
 
 
 def per_layer_probes(train: tuple[torch.Tensor, torch.Tensor],
