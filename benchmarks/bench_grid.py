@@ -57,7 +57,7 @@ def step_times(configs, x, y, weights, batch, steps, warmup, jitter_draws
 
 
 def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
-         modes=("per_probe", "shared")) -> dict:
+         modes=("shared", "per_probe")) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.empty(N, T, D, dtype=torch.float16)
     for i in range(0, N, 2000):  # generated in slices: fp32 for all of N would be 1.5 GB

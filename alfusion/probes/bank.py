@@ -7,11 +7,20 @@ step runs all G probes on the same batch with batched matmuls (einsum over a lea
 and updates them with a functional AdamW whose lr and weight decay are per-probe vectors.
 
 Per probe, one step is exactly what training that probe alone does (PROTOCOL.md 3): feature
-jitter and attention dropout drawn from the probe's own generator (``ProbeStream``),
+jitter (see below) and attention dropout drawn from the probe's own generator (``ProbeStream``),
 BatchNorm with its own running statistics, class-weighted cross-entropy (the bank loss is the
 sum of the per-probe losses, so gradients do not mix), gradient-norm clipping at 5 on the
 probe's own total norm, AdamW with torch's bias correction and eps placement, and a per-step
 cosine schedule from lr to 1e-6 computed with torch's CosineAnnealingLR recursion.
+
+Jitter draws (``train.jitter_draws``): ``shared`` (default) draws one jitter per step from the
+run seed's stream and gives it to every probe, which is what each configuration trained alone
+with the same seed sees (the reference's seeded one-by-one loop does the same); the LayerNorm
+of the tokens is then computed once for the whole bank and the scores are one matmul.
+``per_probe`` gives every probe independent draws from a stream seeded by (seed,
+configuration): the same distribution per probe, but a (G, B, T, D) input and G LayerNorms
+per step, so no arithmetic is shared (about G times one probe on a CPU; see
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from alfusion.training import (
 BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as the paper uses them
 ADAM_EPS = 1e-8
 CLIP_NORM = 5.0
-JITTER_DRAWS = ("per_probe", "shared")
+JITTER_DRAWS = ("shared", "per_probe")
 
 
 # ----------------------------------------------------------------------------- random draws
@@ -57,9 +66,9 @@ def probe_seed(seed: int, hp: HParams | None) -> int:
 class ProbeStream:
     """One probe's random draws from its own generator: jitter coin and noise, dropout masks.
 
-    Draw order per step: jitter coin (B,), jitter noise (B, ...), then the dropout keep
-    mask (B, H, T) when the probe has dropout. A single-probe loop that calls ``jitter`` and
-    ``dropout`` in that order reproduces the bank's draws exactly.
+    Draw order per step: jitter coin (B,), jitter noise (K, ...) for the K chosen samples,
+    then the dropout keep mask (B, H, T) when the probe has dropout. A single-probe loop
+    that calls ``jitter`` and ``dropout`` in that order reproduces the bank's draws exactly.
     """
 
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
@@ -68,14 +77,18 @@ class ProbeStream:
     def jitter(self, x: torch.Tensor, p: float, sigma: float,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p,
-        written into ``out`` (B, ...) when given (the bank fills its (G, B, ...) input)."""
+        written into ``out`` (B, ...) when given (the bank fills its (G, B, ...) input).
+
+        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5 (on
+        the CPU the normal draws cost a fifth of a single ALF step)."""
         if p <= 0 or sigma <= 0:
             return x if out is None else out.copy_(x)
         gen = self.generator
-        keep = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).to(x.dtype)
-        out = torch.empty_like(x) if out is None else out
-        torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype, out=out)
-        return out.mul_((keep * sigma).view(-1, *([1] * (x.dim() - 1)))).add_(x)
+        rows = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).nonzero()[:, 0]
+        noise = torch.randn((rows.numel(), *x.shape[1:]), generator=gen, device=x.device,
+                            dtype=x.dtype)
+        out = x.clone() if out is None else out.copy_(x)
+        return out.index_add_(0, rows, noise, alpha=sigma)
 
     def dropout(self, shape: Sequence[int], p: float, device: torch.device | str
                 ) -> torch.Tensor | None:
@@ -341,7 +354,7 @@ class BankTrainer:
 
     def __init__(self, bank: ProbeBank, configs: Sequence[HParams], total_steps: int,
                  weights: torch.Tensor, seed: int, jitter_p: float = 0.5,
-                 jitter_sigma: float = 0.05, jitter_draws: str = "per_probe",
+                 jitter_sigma: float = 0.05, jitter_draws: str = "shared",
                  autocast: bool = False, compile: bool = False, chunk: int | None = None
                  ) -> None:
         if jitter_draws not in JITTER_DRAWS:
@@ -481,7 +494,7 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
 
     Same schedule and batch order as ``fit_probe`` (FeatureBatches with ``seed``); bf16
     autocast when on CUDA with a bf16 ``precision``, fp32 otherwise. ``train_cfg.compile``
-    compiles the step; ``train_cfg.jitter_draws`` (per_probe | shared) picks the jitter
+    compiles the step; ``train_cfg.jitter_draws`` (shared | per_probe) picks the jitter
     streams. Returns, in ``configs`` order, the trained probe (eval mode), or the
     NonFiniteLoss of a configuration whose loss became NaN/inf (the others are unaffected).
     """
@@ -492,7 +505,7 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
     batch = batch_size_for(len(y), train_cfg.batch_size, train_cfg.min_batches)
     batches = FeatureBatches(x, y, batch, shuffle=True, seed=seed)
     steps = len(batches) * epochs_for(len(y), batch, train_cfg.epochs, train_cfg.min_steps)
-    jitter_draws = train_cfg.get("jitter_draws", "per_probe")
+    jitter_draws = train_cfg.get("jitter_draws", "shared")
     chunk = auto_chunk(bank, batch, x.shape[1:], jitter_draws == "per_probe", budget_bytes)
     trainer = BankTrainer(
         bank, configs, steps, class_weights(y, num_classes), seed,
