@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from alfusion.probes.attentive import AttentiveProbe
+from alfusion.probes.bank import ProbeBank, fit_bank, fit_grid
 from alfusion.probes.linear import LinearProbe
 from alfusion.tokens import TokenSet, resolve_layers
 
-__all__ = ["AttentiveProbe", "LinearProbe", "build_probe", "build_token_set"]
+__all__ = ["AttentiveProbe", "LinearProbe", "ProbeBank", "build_probe", "build_token_set",
+           "fit_bank", "fit_grid"]
 
 
 def build_token_set(probe_cfg, num_layers: int) -> TokenSet:
