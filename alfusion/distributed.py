@@ -69,6 +69,36 @@ class RankSampler(Sampler[int]):
         return iter(self.indices())
 
 
+class StepBatches:
+    """A batch sampler over optimiser steps: step s of a fit takes batch s % E of epoch s // E
+    of this rank's RankSampler order (E batches per epoch), for s = start .. total - 1.
+
+    Indexing batches by step rather than by Lightning's epoch counter lets a resumed fit start
+    exactly at the checkpoint's step (Lightning replays epoch boundaries differently on a
+    restart). It has no length on purpose: Lightning then stops at max_steps, not at an epoch.
+    """
+
+    def __init__(self, sampler: RankSampler, batch_size: int, total: int, start: int = 0) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.total, self.start = total, start
+        self.per_epoch = math.ceil(len(sampler) / batch_size)
+
+    def indices(self) -> list[int]:
+        """The first epoch's indices of this rank (for audits)."""
+        self.sampler.set_epoch(0)
+        return self.sampler.indices()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, order = None, []
+        for step in range(self.start, self.total):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                self.sampler.set_epoch(e)
+                order = self.sampler.indices()
+            yield order[k * self.batch_size:(k + 1) * self.batch_size]
+
+
 class RankSlice(IterableDataset):
     """A streamed dataset of known length n, split over ranks, shuffled through a buffer.
 

@@ -97,19 +97,21 @@ class End2EndModule(ProbeModule):
     Differences from cached training, all for reasons outside the probe: the jitter coin is
     configurable (``jitter_mode``), the weighted loss is normalised by the weight sum of the
     global batch (so DDP averages to the single-process loss), a trainable backbone joins the
-    optimiser at ``backbone_lr_scale`` x lr, the random state travels with checkpoints (a
-    resumed run draws what the uninterrupted one would), and a frozen backbone's weights are
-    left out of checkpoints (the config rebuilds them).
+    optimiser at ``backbone_lr_scale`` x lr, the random draws of a step (jitter, dropout) are a
+    function of (seed, step, rank), so a resumed run draws what the uninterrupted one did, and
+    a frozen backbone's weights are left out of checkpoints (the config rebuilds them).
     """
 
     def __init__(self, probe: nn.Module, hp, total_steps: int, weights: torch.Tensor,
                  encoder: TokenEncoder, jitter_mode: str = "per_batch", jitter_p: float = 0.5,
-                 jitter_sigma: float = 0.05, backbone_lr_scale: float = 0.001) -> None:
+                 jitter_sigma: float = 0.05, backbone_lr_scale: float = 0.001,
+                 seed: int = 0) -> None:
         if jitter_mode not in JITTER_MODES:
             raise ValueError(f"unknown jitter mode {jitter_mode!r}: use one of {JITTER_MODES}")
         super().__init__(probe, hp, total_steps, weights, jitter_p, jitter_sigma, encoder=encoder)
         self.jitter_mode = jitter_mode
         self.backbone_lr_scale = backbone_lr_scale
+        self.seed = seed
         self.strict_loading = encoder.trainable  # frozen weights are not in the checkpoint
 
     def setup(self, stage: str) -> None:
@@ -117,6 +119,11 @@ class End2EndModule(ProbeModule):
             from alfusion.distributed import use_global_batchnorm
 
             use_global_batchnorm(self.probe)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Reseeding per step rather than restoring the generator from the checkpoint: Lightning
+        # may consume draws around a restart (e.g. a DataLoader iterator for the finished epoch).
+        torch.manual_seed(self.seed * 1_000_003 + self.global_step * 1009 + self.global_rank)
 
     def _jitter(self, x: torch.Tensor) -> torch.Tensor:
         if self.jitter_mode == "per_batch":
@@ -164,13 +171,3 @@ class End2EndModule(ProbeModule):
         if not self.encoder.trainable:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if not k.startswith("encoder.")}
-        checkpoint["rng"] = dict(torch=torch.get_rng_state())
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rng = checkpoint.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -65,9 +65,10 @@ def fit_images(cfg, encoder: TokenEncoder, probe: torch.nn.Module, hp: HParams, 
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     callbacks = []
     if state is not None:
-        callbacks.append(ModelCheckpoint(dirpath=state.checkpoint_dir(stage), save_last=True,
-                                         save_top_k=0, every_n_epochs=1,
-                                         save_on_train_epoch_end=True))
+        # One file, last.ckpt, replaced (atomically) after every epoch's worth of steps.
+        callbacks.append(ModelCheckpoint(dirpath=state.checkpoint_dir(stage), filename="last",
+                                         save_top_k=1, every_n_train_steps=1,
+                                         enable_version_counter=False))
     trainer = make_trainer(cfg.trainer, 1, logger=logger, callbacks=callbacks,
                            enable_checkpointing=bool(callbacks), use_distributed_sampler=False,
                            default_root_dir=str(state.run_dir) if state else None)
@@ -79,7 +80,12 @@ def fit_images(cfg, encoder: TokenEncoder, probe: torch.nn.Module, hp: HParams, 
     epochs = max(cfg.train.epochs, math.ceil(cfg.train.min_steps / per_epoch))
     steps = per_epoch * epochs
     trainer.fit_loop.epoch_loop.max_steps = steps
+    if callbacks:
+        callbacks[0]._every_n_train_steps = per_epoch  # known only now (batch, world)
+    start = torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"] \
+        if ckpt_path else 0
     loader, part = train_loader(dataset, batch, rank, world, cfg.seed, cfg.end2end.num_workers,
+                                total_steps=steps, start_step=start,
                                 pin_memory=trainer.strategy.root_device.type == "cuda",
                                 shuffle_buffer=cfg.end2end.shuffle_buffer)
     if cfg.end2end.get("record_samples") and state is not None and hasattr(part, "indices"):
@@ -91,7 +97,8 @@ def fit_images(cfg, encoder: TokenEncoder, probe: torch.nn.Module, hp: HParams, 
     module = End2EndModule(probe, hp, steps, class_weights(labels, num_classes), encoder,
                            jitter_mode=jitter_mode_of(cfg), jitter_p=cfg.train.jitter_p,
                            jitter_sigma=cfg.train.jitter_sigma,
-                           backbone_lr_scale=cfg.probe.get("backbone_lr_scale", 0.001))
+                           backbone_lr_scale=cfg.probe.get("backbone_lr_scale", 0.001),
+                           seed=cfg.seed)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     module.fit_info = dict(steps=trainer.global_step, batch_size=batch, samples=n,
                            epochs=epochs, world=world)

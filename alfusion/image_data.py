@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision import transforms as T
 
-from alfusion.distributed import RankSampler, RankSlice
+from alfusion.distributed import RankSampler, RankSlice, StepBatches
 
 
 def augment_transform(eval_transform, img_size: int | None = None):
@@ -49,21 +49,26 @@ def length_of(dataset: Dataset) -> int:
 
 
 def train_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed: int,
-                 num_workers: int, pin_memory: bool = False, shuffle_buffer: int = 1000
+                 num_workers: int, total_steps: int, start_step: int = 0,
+                 pin_memory: bool = False, shuffle_buffer: int = 1000
                  ) -> tuple[DataLoader, object]:
-    """(loader of this rank's batches of batch_size // world images, its sampler or slice).
+    """(loader of this rank's batches of batch_size // world images, its batch sampler or
+    slice).
 
-    Map-style data is shuffled by a seeded per-epoch permutation; streamed data through a
-    buffer of ``shuffle_buffer`` samples.
+    Map-style data: a seeded per-epoch permutation, batches indexed by optimiser step from
+    ``start_step`` (a resumed fit continues at its checkpoint's batch). Streamed data: epochs
+    of the rank's share, shuffled through a buffer of ``shuffle_buffer`` samples; a resumed fit
+    restarts the stream.
     """
     per_rank = batch_size // world
-    common = dict(batch_size=per_rank, num_workers=num_workers, pin_memory=pin_memory,
+    common = dict(num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
     if isinstance(dataset, IterableDataset):
         part = RankSlice(dataset, length_of(dataset), rank, world, per_rank, shuffle_buffer)
-        return DataLoader(part, **common), part
+        return DataLoader(part, batch_size=per_rank, **common), part
     sampler = RankSampler(len(dataset), rank, world, shuffle=True, seed=seed)
-    return DataLoader(dataset, sampler=sampler, **common), sampler
+    batches = StepBatches(sampler, per_rank, total_steps, start_step)
+    return DataLoader(dataset, batch_sampler=batches, **common), batches
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int,
