@@ -136,16 +136,12 @@ def run_end2end(cfg, run_dir: Path) -> dict:
         y_train = labels_of(plain_train, cfg.end2end.num_workers)
         num_classes = cfg.dataset.get("num_classes") or int(y_train.max()) + 1
         configs = expand_grid(cfg.search, attentive=cfg.probe.kind == "attentive")
-        if len(configs) > 1:
-            raise ValueError(f"end-to-end training fits one configuration per run, the search "
-                             f"grid has {len(configs)}: pick one (search=none search.lr=[0.01]) "
-                             "or sweep them as jobs (-m search.lr=[0.1],[0.01])")
         hp = configs[0]
         with torch.no_grad():
             probe_input = encoder.eval()(first_image(plain_train)[None])
         num_tokens = probe_input.shape[1] if probe_input.dim() == 3 else None
 
-        def make_probe():
+        def make_probe(hp: HParams):
             torch.manual_seed(cfg.seed)  # the same initial probe on every rank and resume
             return build_probe(cfg.probe, token_set, backbone.dims, num_classes, num_tokens,
                                attn_drop=hp.dropout)
@@ -160,22 +156,32 @@ def run_end2end(cfg, run_dir: Path) -> dict:
         if subsets and isinstance(train_ds, IterableDataset):
             raise ValueError("a streamed dataset cannot be split for validation or few-shot in "
                              "end-to-end mode: set search.validate=false and fewshot_k=null")
-        val = {}
-        if cfg.search.validate:
-            val = (state.stage("val") or {}).get("metrics")
-            if val is None:
-                model = fit_images(cfg, encoder, make_probe(), hp, Subset(train_ds, fit_idx),
-                                   y_train[fit_idx], num_classes, state=state, stage="val",
-                                   ckpt_path=checkpoint_to_resume(cfg, state, "val", resuming))
-                if rank0:
-                    logits, y = predict_images(model, eval_loader(
-                        Subset(plain_train, val_idx), cfg.end2end.eval_batch_size,
-                        cfg.end2end.num_workers))
-                    val = classification_metrics(logits, y, num_classes)
-                    state.finish_stage("val", dict(metrics=val))
+        val, grid = {}, []
+        if len(configs) > 1 or cfg.search.validate:
+            # The search of PROTOCOL.md 3, one end-to-end fit per configuration (each a resumable
+            # stage); rank 0 scores them on the validation split and tells the other ranks.
+            for i, hp in enumerate(configs):
+                stage = "val" if len(configs) == 1 else f"val{i:03d}"
+                metrics = (state.stage(stage) or {}).get("metrics")
+                if metrics is None:
+                    model = fit_images(cfg, encoder, make_probe(hp), hp, Subset(train_ds, fit_idx),
+                                       y_train[fit_idx], num_classes, state=state, stage=stage,
+                                       ckpt_path=checkpoint_to_resume(cfg, state, stage,
+                                                                      resuming))
+                    if rank0:
+                        logits, y = predict_images(model, eval_loader(
+                            Subset(plain_train, val_idx), cfg.end2end.eval_batch_size,
+                            cfg.end2end.num_workers))
+                        metrics = classification_metrics(logits, y, num_classes)
+                        state.finish_stage(stage, dict(metrics=metrics))
+                grid.append(metrics)
+            chosen = [int(np.argmax([m["bal_acc"] for m in grid]))] if rank0 else [0]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast_object_list(chosen, src=0)
+            hp, val = configs[chosen[0]], grid[chosen[0]] or {}
         final_ds = train_ds if len(final_idx) == len(y_train) else Subset(train_ds, final_idx)
         t_fit = time.perf_counter()
-        model = fit_images(cfg, encoder, make_probe(), hp, final_ds, y_train[final_idx],
+        model = fit_images(cfg, encoder, make_probe(hp), hp, final_ds, y_train[final_idx],
                            num_classes, state=state, stage="final", logger=logger or False,
                            ckpt_path=checkpoint_to_resume(cfg, state, "final", resuming))
         fit_seconds = time.perf_counter() - t_fit
@@ -189,7 +195,10 @@ def run_end2end(cfg, run_dir: Path) -> dict:
             mode="finetune" if finetune else "end2end", dataset=cfg.dataset.name,
             backbone=cfg.backbone.name, probe=cfg.probe.name, layers=list(token_set.layers),
             tokens=token_set.tokens, num_tokens=num_tokens, num_classes=num_classes,
-            chosen=hp.__dict__, fit=model.fit_info, fit_samples=len(final_idx),
+            chosen=hp.__dict__, fit=model.fit_info,
+            grid=[dict(c.__dict__, **{k: v for k, v in m.items() if k != "per_class_recall"})
+                  for c, m in zip(configs, grid, strict=True)] if rank0 and grid else [],
+            fit_samples=len(final_idx),
             val={k: v for k, v in val.items() if k != "per_class_recall"},
             test={k: v for k, v in test.items() if k != "per_class_recall"},
             backbone_checksum=dict(start=checksum_start,

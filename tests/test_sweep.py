@@ -1,0 +1,72 @@
+"""Hydra multirun: one MLflow run per job tagged with the sweep, failures isolated and
+summarised, no DDP nested in a local sweep; the SLURM launcher and paper-table configs compose."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+from conftest import CONF, compose_config, run_cli, tiny_overrides
+from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
+
+CACHED = ["search.validate=false"]
+
+
+def runs_of(root) -> list:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
+
+
+def test_sweep_of_four_jobs_and_a_failing_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "probe=alf,linear", "seed=0,1",
+                                  f"hydra.sweep.dir={sweep}"))
+    runs = runs_of(tmp_path)
+    assert len(runs) == 4
+    assert {r.data.tags["sweep"] for r in runs} == {"sweep"}
+    assert all(r.info.status == "FINISHED" and "test/bal_acc" in r.data.metrics for r in runs)
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["completed"] == [0, 1, 2, 3] and summary["failed"] == []
+
+    bad = tmp_path / "bad"
+    proc = run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "probe=linear",
+                                         "probe.layers=last,[99]", f"hydra.sweep.dir={bad}"),
+                   check=False)
+    assert proc.returncode == 1  # the sweep ran to its end and reports the failure
+    assert "layers [99] outside 1..4" in proc.stderr
+    assert "1 of 2 jobs completed, 1 failed" in proc.stderr
+    summary = json.loads((bad / "sweep_summary.json").read_text())
+    assert summary["completed"] == [0]
+    assert [f["num"] for f in summary["failed"]] == [1]
+    assert "outside 1..4" in summary["failed"][0]["error"]
+    statuses = sorted(r.info.status for r in runs_of(tmp_path) if r.data.tags["sweep"] == "bad")
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_local_multirun_refuses_nested_ddp(tmp_path):
+    proc = run_cli("-m", *tiny_overrides(tmp_path, "trainer=ddp", "trainer.accelerator=cpu",
+                                         "trainer.devices=2", f"hydra.sweep.dir={tmp_path}/s"),
+                   check=False)
+    assert proc.returncode == 1
+    assert "hydra/launcher=slurm" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() or runs_of(tmp_path) == []
+
+
+def test_slurm_launcher_and_paper_table_compose():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp"],
+                      return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+        assert cfg.hydra.launcher.nodes == cfg.trainer.num_nodes == 1
+        table = compose("config", overrides=["+experiment=paper_table"],
+                        return_hydra_config=True)
+    params = table.hydra.sweeper.params
+    datasets, probes = params.dataset.split(","), params.probe.split(",")
+    assert len(datasets) == 20 and table.hydra.mode == RunMode.MULTIRUN
+    assert table.search.name == "paper"
+    for name in datasets:
+        assert (CONF / "dataset" / f"{name}.yaml").exists(), name
+    assert {"alf", "linear", "finetune"} <= set(probes)
+    for name in probes:
+        compose_config(f"probe={name}", f"dataset={datasets[0]}")  # every job composes
