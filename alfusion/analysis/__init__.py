@@ -1,0 +1,1 @@
+"""Looking inside runs: layer attention, per-layer probes, CKA, and paper-style reports."""
