@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import alfusion  # noqa: F401  (the torchvision fix runs before anything imports it)
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig

@@ -10,9 +10,10 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ALFUSION_NO_PROGRESS"] = "1"
 
-import alfusion  # noqa: E402,F401  (torchvision fix before anything imports it)
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+
+import alfusion  # noqa: E402,F401  (torchvision fix before anything imports it)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -89,9 +89,10 @@ def test_open_clip_taps_and_projected_final_layer():
     out = tapped(x)
     inter = visual.forward_intermediates(x, indices=list(range(1, 12)), output_fmt="NLC",
                                          output_extra_tokens=True, intermediates_only=True)
+    prefixes, spatials = inter["image_intermediates_prefix"], inter["image_intermediates"]
     for layer in range(11):
-        torch.testing.assert_close(out.cls[:, layer], inter["image_intermediates_prefix"][layer][:, 0])
-        torch.testing.assert_close(out.ap[:, layer], inter["image_intermediates"][layer].mean(1))
+        torch.testing.assert_close(out.cls[:, layer], prefixes[layer][:, 0])
+        torch.testing.assert_close(out.ap[:, layer], spatials[layer].mean(1))
     # The paper's last layer: every token after ln_post and the 768 -> 512 projection.
     paper = build_backbone(OmegaConf.merge(cfg, dict(tap="norm2", final="norm")))[0]
     out = paper(x)

