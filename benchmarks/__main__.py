@@ -1,5 +1,6 @@
 """``python -m benchmarks``: run every benchmarks/bench_*.py ``main()``, or only the named ones
-(``python -m benchmarks grid`` or ``bench_grid``)."""
+(``python -m benchmarks grid`` or ``bench_grid``). ``BENCH_THREADS=N`` sets torch's CPU
+threads first."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def available() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    import torch
+    if os.environ.get("BENCH_THREADS"):  # e.g. 1 on a machine shared with other jobs
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     names = available()
     wanted = [a if a.startswith("bench_") else f"bench_{a}" for a in argv] or names
     unknown = [w for w in wanted if w not in names]

@@ -40,16 +40,19 @@ def step_times(configs, x, y, weights, batch, steps, warmup, jitter_draws
                ) -> tuple[float, float]:
     """Median (wall, process CPU) seconds of a training step of a bank of ``configs``."""
     make = lambda hp: AttentiveProbe(D, C, num_heads=T, attn_drop=hp.dropout)
-    bank = ProbeBank.from_probes([fresh_probe(make, hp, 0) for hp in configs])
+    bank = ProbeBank.from_probes([fresh_probe(make, hp, 0) for hp in configs]).to(x.device)
     chunk = auto_chunk(bank, batch, (T, D), jitter_draws == "per_probe")
+    cuda = x.device.type == "cuda"
     trainer = BankTrainer(bank, configs, 1000, weights, seed=0, jitter_draws=jitter_draws,
-                          chunk=chunk)
+                          autocast=cuda, chunk=chunk)
     it = iter(FeatureBatches(x, y, batch, seed=0))
     walls, cpus = [], []
     for i in range(warmup + steps):
         xb, yb = next(it)
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.step(xb, yb)
+        if cuda:
+            torch.cuda.synchronize()
         if i >= warmup:
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
@@ -65,8 +68,11 @@ def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
     y = torch.arange(N) % C
     weights = class_weights(y, C)
     batch = batch_size_for(N)
-    print(f"ALF bank, N={N}, {T}x{D} tokens (fp16 cache), C={C}, batch {batch}, fp32 on "
-          f"{torch.get_num_threads()} CPU threads")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y, weights = x.to(device), y.to(device), weights.to(device)
+    where = (f"bf16 autocast on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"fp32 on {torch.get_num_threads()} CPU threads")
+    print(f"ALF bank, N={N}, {T}x{D} tokens (fp16 cache), C={C}, batch {batch}, {where}")
     out = {}
     for mode in modes:
         one = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
