@@ -206,17 +206,24 @@ def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         + bias[:, None]
 
 
-def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, x: torch.Tensor,
+def normalise_tokens(spec: AttentiveSpec, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm of the tokens without affine, (..., T, D): the statistics LN_k and LN_v
+    share (their gains and shifts fold into each probe's weights). Parameter-free, so a
+    step computes it once for inputs shared by the whole bank."""
+    return F.layer_norm(x, (spec.dim,), eps=spec.eps_kv)
+
+
+def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.Tensor,
                       training: bool, drop: torch.Tensor | None) -> torch.Tensor:
     """Reassociated single-query attention for G probes (see probes/attentive.py).
 
-    x: (B, T, D) shared by all probes or (G, B, T, D) per probe (jitter); drop: (G, B, H, T)
-    dropout multipliers or None -> logits (G, B, C).
+    xhat: normalised tokens (``normalise_tokens``), (B, T, D) shared by all probes or
+    (G, B, T, D) per probe (jitter); drop: (G, B, H, T) dropout multipliers or None ->
+    logits (G, B, C).
     """
     G = p["query"].shape[0]
     H, E, D = spec.heads, spec.head_dim, spec.dim
-    shared = x.dim() == 3
-    xhat = F.layer_norm(x, (D,), eps=spec.eps_kv)  # LN statistics shared by k and v
+    shared = xhat.dim() == 3
     qn = F.layer_norm(p["query"].reshape(G, D), (D,), eps=spec.eps_q)
     qn = qn * p["norm_q.weight"] + p["norm_q.bias"]
     q = torch.einsum("gd,gad->ga", qn, p["q.weight"]).view(G, H, E)
@@ -241,11 +248,13 @@ def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, x: torch.Tens
 
 
 def bank_logits(kind: str, spec: AttentiveSpec | None, params: dict, buffers: dict,
-                x: torch.Tensor, training: bool, drop: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """Logits (G, B, C) of every probe for inputs shared (B, ...) or per probe (G, B, ...)."""
+                x: torch.Tensor, training: bool, drop: torch.Tensor | None = None,
+                normalised: bool = False) -> torch.Tensor:
+    """Logits (G, B, C) of every probe for inputs shared (B, ...) or per probe (G, B, ...);
+    ``normalised``: attentive inputs are ``normalise_tokens`` output already."""
     if kind == "attentive":
-        return _attentive_logits(spec, params, buffers, x, training, drop)
+        xhat = x if normalised else normalise_tokens(spec, x)
+        return _attentive_logits(spec, params, buffers, xhat, training, drop)
     w, b = params["head.weight"], params["head.bias"]
     eq = "bf,gcf->gbc" if x.dim() == 2 else "gbf,gcf->gbc"
     return torch.einsum(eq, x, w) + b[:, None, :]
@@ -341,7 +350,9 @@ def activation_bytes_per_probe(bank: ProbeBank, batch: int, sample_shape: Sequen
 
 
 def _chunk_loss(kind, spec, params, buffers, x, y, weights, drop):
-    return bank_loss(bank_logits(kind, spec, params, buffers, x, True, drop), y, weights)
+    """x: the pass's inputs, attentive ones normalised already -> per-probe losses (g,)."""
+    return bank_loss(bank_logits(kind, spec, params, buffers, x, True, drop, normalised=True),
+                     y, weights)
 
 
 class BankTrainer:
@@ -379,19 +390,24 @@ class BankTrainer:
         self.step_count = 0
         self.loss_fn = torch.compile(_chunk_loss, dynamic=False) if compile else _chunk_loss
 
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bank.kind != "attentive":
+            return x
+        with torch.autocast(x.device.type, enabled=False):
+            return normalise_tokens(self.bank.spec, x)
+
     def _inputs(self, xb: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
-        """The batch each probe of the chunk sees: (B, ...) shared or (g, B, ...) jittered."""
+        """What each probe of the pass sees, attentive tokens normalised: (B, ...) shared by
+        the bank (computed once per step) or (g, B, ...) with per-probe jitter."""
         p, sigma = self.jitter_p, self.jitter_sigma
-        if p <= 0 or sigma <= 0:
-            return xb
-        if self.jitter_draws == "shared":
+        if p <= 0 or sigma <= 0 or self.jitter_draws == "shared":
             return self._shared_x
         if g1 - g0 == 1:  # one probe: its own draw, on the cheaper shared-input path
-            return self.streams[g0].jitter(xb, p, sigma)
+            return self._normalised(self.streams[g0].jitter(xb, p, sigma))
         out = torch.empty((g1 - g0, *xb.shape), dtype=xb.dtype, device=xb.device)
         for i, g in enumerate(range(g0, g1)):
             self.streams[g].jitter(xb, p, sigma, out=out[i])
-        return out
+        return self._normalised(out)
 
     def _dropout(self, batch: int, num_tokens: int, g0: int, g1: int) -> torch.Tensor | None:
         if self.bank.kind != "attentive" or not any(self.bank.dropouts[g0:g1]):
@@ -410,13 +426,14 @@ class BankTrainer:
             raise RuntimeError(f"the schedule has {self.total_steps} steps; all are done")
         bank, G = self.bank, len(self.bank)
         xb = xb.float()
-        if self.jitter_draws == "shared":
-            self._shared_x = self.shared_stream.jitter(xb, self.jitter_p, self.jitter_sigma)
+        p, sigma = self.jitter_p, self.jitter_sigma
+        if self.jitter_draws == "shared" or p <= 0 or sigma <= 0:  # one input for the bank
+            self._shared_x = self._normalised(self.shared_stream.jitter(xb, p, sigma))
         losses = torch.empty(G, device=bank.device)
         for g0 in range(0, G, self.chunk):
             g1 = min(G, g0 + self.chunk)
             x = self._inputs(xb, g0, g1)
-            # For jitter first, then dropout: the order a lone probe's stream draws in.
+            # Jitter first, then dropout: the order in which a lone probe draws from its stream.
             drop = self._dropout(xb.shape[0], xb.shape[1], g0, g1)
             leaves = {n: bank.params[n][g0:g1].detach().requires_grad_() for n in self.names}
             buffers = {n: b[g0:g1] for n, b in bank.buffers.items()}
