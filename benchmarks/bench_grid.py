@@ -75,11 +75,17 @@ def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
     print(f"ALF bank, N={N}, {T}x{D} tokens (fp16 cache), C={C}, batch {batch}, {where}")
     out = {}
     for mode in modes:
-        one = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
+        # One probe measured before and after the banks (8 steps in all): the machine's load
+        # drifts over the minutes a bank step takes.
+        before = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
+        banks = {G: step_times(grid(G), x, y, weights, batch, bank_steps, 0, mode)
+                 for G in sizes}
+        after = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
+        one = [(before[i] + after[i]) / 2 for i in range(2)]
         print(f"  jitter_draws={mode}: one probe {one[0]:.2f} s/step wall, {one[1]:.2f} s CPU "
-              f"(median of {single_steps})", flush=True)
-        for G in sizes:
-            t = step_times(grid(G), x, y, weights, batch, bank_steps, 0, mode)
+              f"(before the banks {before[0]:.2f} / {before[1]:.2f}, after {after[0]:.2f} / "
+              f"{after[1]:.2f})", flush=True)
+        for G, t in banks.items():
             ratio = [t[i] / (G * one[i]) for i in range(2)]
             out[(mode, G)] = ratio
             print(f"    G={G:3d}: bank {t[0]:7.2f} s/step wall, {t[1]:7.2f} s CPU; ratio "
