@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["ALFUSION_NO_PROGRESS"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 import alfusion  # noqa: E402,F401  (torchvision fix before anything imports it)
@@ -55,3 +56,12 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = Tr
 def tiny(tmp_path):
     """Overrides for a tiny run under this test's temporary folder."""
     return tiny_overrides(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny fits: one intra-op thread is faster and unaffected by other jobs on the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

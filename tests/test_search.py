@@ -23,13 +23,26 @@ from alfusion.training import HParams, NonFiniteLoss, fit_probe, predict
 NUM_LAYERS, DIM, CLASSES = 4, 32, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny fits: one intra-op thread is faster and unaffected by other jobs on the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def recording_factory(make, x):
+    """(probe factory, seen): seen[id(probe)] collects the rows of x that the probe's
+    training forwards saw (selection fits in a ProbeBank do not call the probe's forward)."""
+    row_of = {x[i].numpy().tobytes(): i for i in range(len(x))}
+    assert len(row_of) == len(x)
+    seen = defaultdict(set)
+
+    def make_recorded(hp):
+        probe = make(hp)
+
+        def record(module, inputs, _output):
+            if module.training:
+                seen[id(module)].update(row_of[r.numpy().tobytes()] for r in inputs[0])
+        probe.register_forward_hook(record)
+        return probe
+
+    return make_recorded, seen
 
 
 def synthetic_layers(n: int, signal_layer: int, noise: float, seed: int):
@@ -89,18 +102,7 @@ def test_selection_picks_the_best_validation_score_and_refits_on_all_of_train():
     cfg = experiment("alf", "train.min_steps=60", "train.jitter_p=0")  # jitter off: exact rows
     cls, ap, y = synthetic_layers(400, 2, noise=1.2, seed=0)
     _, x, make = tokens_and_factory(cfg, cls, ap)
-    seen = defaultdict(set)  # id(probe) -> train rows its training forwards saw
-    row_of = {x[i].numpy().tobytes(): i for i in range(len(y))}
-    assert len(row_of) == len(y)
-
-    def make_recorded(hp):
-        probe = make(hp)
-
-        def record(module, inputs, _output):
-            if module.training:
-                seen[id(module)].update(row_of[r.numpy().tobytes()] for r in inputs[0])
-        probe.register_forward_hook(record)
-        return probe
+    make_recorded, seen = recording_factory(make, x)
 
     # the best configuration is not the first: ties would not make this pass by accident
     configs = [HParams(1e-5, 1e-4), HParams(1e-2, 1e-4), HParams(1e-4, 1e-2)]
@@ -135,17 +137,7 @@ def test_few_shot_fits_never_see_a_validation_sample():
                      "train.jitter_p=0", "search.lr=[0.01,0.001]")
     cls, ap, y = synthetic_layers(200, 2, noise=0.5, seed=0)
     _, x, make = tokens_and_factory(cfg, cls, ap)
-    row_of = {x[i].numpy().tobytes(): i for i in range(len(y))}
-    seen = defaultdict(set)
-
-    def make_recorded(hp):
-        probe = make(hp)
-
-        def record(module, inputs, _output):
-            if module.training:
-                seen[id(module)].update(row_of[r.numpy().tobytes()] for r in inputs[0])
-        probe.register_forward_hook(record)
-        return probe
+    make_recorded, seen = recording_factory(make, x)
 
     configs = expand_grid(cfg.search, attentive=False)
     assert len(configs) == 2
