@@ -30,11 +30,10 @@ def split_tokens(cfg, split: str, device: torch.device):
         with open_dict(cfg):  # dataset=wds|folder: classnames.txt or the class folders decide
             cfg.dataset.num_classes = entry.meta["num_classes"]
     token_set = build_token_set(cfg.probe, num_layers=len(entry.dims))
-    arrays = {n: torch.from_numpy(entry.array(n)) for n in ("cls", "ap", "tokens")
-              if entry.has(n)}
+    # fp16 onto the device first: selection, normalisation and fp32 happen there.
+    arrays = {n: entry.tensor(n, device) for n in ("cls", "ap", "tokens") if entry.has(n)}
     x = token_set(arrays.get("cls"), arrays.get("ap"), arrays.get("tokens"), entry.dims)
-    y = torch.from_numpy(entry.array("labels").copy()).long()
-    return x.to(device), y.to(device), token_set, entry
+    return x, entry.tensor("labels", device).long(), token_set, entry
 
 
 def num_classes_of(cfg, *labels: torch.Tensor) -> int:

@@ -7,6 +7,7 @@ cross-entropy, feature jitter; gradient-norm clipping (5) is set on the Trainer.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -15,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_LR = 1e-6
+
+# Lightning notices that short epochs log less often than every 25 steps (intended here: the
+# curve is logged across epochs), and its own pytree helper trips a torch deprecation.
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 @dataclass(frozen=True)

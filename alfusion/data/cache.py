@@ -21,10 +21,12 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ARRAYS = ("cls", "ap", "tokens", "labels")
 
@@ -47,6 +49,13 @@ class CacheEntry:
 
     def array(self, name: str) -> np.ndarray:
         return np.load(self.path / f"{name}.npy", mmap_mode="r")
+
+    def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The whole array as a tensor on ``device``, in its stored dtype (fp16 features)."""
+        with warnings.catch_warnings():
+            # The memory map is read-only; torch warns, but the view is only copied from.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self.array(name)).to(device)
 
     def has(self, name: str) -> bool:
         return name in self.meta["arrays"]
