@@ -206,18 +206,14 @@ def run_end2end(cfg, run_dir: Path) -> dict:
             seconds=dict(total=round(time.perf_counter() - t0, 2), fit=round(fit_seconds, 2)),
             run_dir=str(state.run_dir), mlflow_run_id=logger.run_id if logger else None)
         save_model(state.run_dir, model, cfg, summary, backbone.dims)
-        metrics = {f"val/{k}": v for k, v in summary["val"].items()}
-        metrics.update({f"test/{k}": v for k, v in summary["test"].items()})
-        metrics.update({"fit/steps": model.fit_info["steps"], "fit/samples": len(final_idx),
-                        "time/fit_s": fit_seconds,
-                        "fit/images_per_s": len(final_idx) * model.fit_info["epochs"]
-                        / max(fit_seconds, 1e-9)})
-        tracking.log_metrics(logger, metrics)
+        tracking.log_summary(logger, state.run_dir, summary, {
+            "fit/steps": model.fit_info["steps"], "fit/samples": len(final_idx),
+            "time/fit_s": fit_seconds,
+            "fit/images_per_s": len(final_idx) * model.fit_info["epochs"]
+            / max(fit_seconds, 1e-9)})
         if logger is not None:
             for when, value in summary["backbone_checksum"].items():
                 logger.experiment.set_tag(logger.run_id, f"backbone_sha256_{when}", value)
-        tracking.write_json(state.run_dir / "results.json", summary)
-        tracking.log_artifact(logger, state.run_dir / "results.json")
         state.data["finished"] = True
         state.save()
         ok = True

@@ -95,20 +95,13 @@ def run_train(cfg, run_dir: Path) -> dict:
         save_probe(run_dir / "probe.pt", probe, cfg, summary, entry.dims)
         summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
                                                    x_test, summary, device)
-        metrics = {f"val/{k}": v for k, v in summary["val"].items()}
-        metrics.update({f"test/{k}": v for k, v in summary["test"].items()})
-        metrics.update({"fit/steps": result.steps, "fit/samples": result.fit_samples,
-                        "probe/params": summary["probe_params"],
-                        "time/search_s": result.search_seconds, "time/fit_s": result.fit_seconds,
-                        "time/features_s": features_seconds})
-        tracking.log_metrics(logger, metrics)
-        tracking.log_params(logger, {f"chosen/{k}": v for k, v in result.best.__dict__.items()})
-        tracking.write_json(run_dir / "per_class_recall.json",
-                            dict(val=result.val.get("per_class_recall"),
-                                 test=result.test["per_class_recall"]))
-        tracking.write_json(run_dir / "results.json", summary)
-        for name in ("results.json", "per_class_recall.json"):
-            tracking.log_artifact(logger, run_dir / name)
+        tracking.log_summary(logger, run_dir, summary, {
+            "fit/steps": result.steps, "fit/samples": result.fit_samples,
+            "probe/params": summary["probe_params"], "time/search_s": result.search_seconds,
+            "time/fit_s": result.fit_seconds, "time/features_s": features_seconds})
+        tracking.log_artifact(logger, tracking.write_json(
+            run_dir / "per_class_recall.json",
+            dict(val=result.val.get("per_class_recall"), test=result.test["per_class_recall"])))
         ok = True
         print(f"[alfusion] {cfg.dataset.name} | {cfg.backbone.name} | {cfg.probe.name} | "
               f"test balanced accuracy {summary['test']['bal_acc']:.4f} "

@@ -93,6 +93,16 @@ def write_json(path: Path, data: dict) -> Path:
     return path
 
 
+def log_summary(logger: MLFlowLogger | None, run_dir: Path, summary: dict,
+                extra_metrics: dict[str, float]) -> None:
+    """A finished run's val/* and test/* metrics, ``extra_metrics``, the chosen
+    hyper-parameters (params chosen/*) and results.json (run folder and artifact)."""
+    metrics = {f"{split}/{k}": v for split in ("val", "test") for k, v in summary[split].items()}
+    log_metrics(logger, {**metrics, **extra_metrics})
+    log_params(logger, {f"chosen/{k}": v for k, v in summary["chosen"].items()})
+    log_artifact(logger, write_json(run_dir / "results.json", summary))
+
+
 def finish(logger: MLFlowLogger | None, ok: bool) -> None:
     """Mark the run FINISHED or FAILED (a fit may already have marked it finished)."""
     if logger is not None:
