@@ -49,20 +49,22 @@ class JitterDataset(Dataset):
         return x, self.y[i]
 
 
+def epochs(batches):
+    """The batches of one epoch after another, for as long as steps are asked for."""
+    while True:
+        yield from batches
+
+
 class PaperLoop:
     def __init__(self, make, x, y, weights):
         self.probe = fresh_probe(make, HP, 0).train()
         self.opt = torch.optim.AdamW(self.probe.parameters(), lr=HP.lr, weight_decay=HP.wd)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, TOTAL_STEPS, MIN_LR)
         self.loader = DataLoader(JitterDataset(x, y), batch_size=BATCH, shuffle=True)
-        self.weights, self.it = weights, iter(())
+        self.weights, self.it = weights, epochs(self.loader)
 
     def step(self) -> None:
-        try:
-            xb, yb = next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            xb, yb = next(self.it)
+        xb, yb = next(self.it)
         loss = F.cross_entropy(self.probe.forward_reference(xb), yb, weight=self.weights)
         self.opt.zero_grad()
         loss.backward()
@@ -75,14 +77,10 @@ class OurLoop:
     def __init__(self, make, x, y, weights):
         bank = ProbeBank.from_probes([fresh_probe(make, HP, 0)])
         self.trainer = BankTrainer(bank, [HP], TOTAL_STEPS, weights, seed=0)
-        self.batches, self.it = FeatureBatches(x, y, BATCH, seed=0), iter(())
+        self.it = epochs(FeatureBatches(x, y, BATCH, seed=0))
 
     def step(self) -> None:
-        try:
-            xb, yb = next(self.it)
-        except StopIteration:
-            self.it = iter(self.batches)
-            xb, yb = next(self.it)
+        xb, yb = next(self.it)
         self.trainer.step(xb, yb)
 
 
