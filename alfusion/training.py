@@ -1,7 +1,9 @@
 """ProbeModule: the LightningModule that trains one probe on token tensors (PROTOCOL.md 3).
 
 AdamW on all parameters, per-step cosine from lr to 1e-6 without warm-up, class-weighted
-cross-entropy, feature jitter; gradient-norm clipping (5) is set on the Trainer.
+cross-entropy, feature jitter; gradient-norm clipping (5) is set on the Trainer. Jitter and
+attention dropout draw from the configuration's seeded streams (random_draws.py), so a fit
+here sees the draws the same configuration gets inside a ProbeBank.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from alfusion.random_draws import ProbeStream, StreamDropout, probe_seed
 
 MIN_LR = 1e-6
 
@@ -72,18 +76,41 @@ class NonFiniteLoss(FloatingPointError):
 
 class ProbeModule(L.LightningModule):
     """Trains ``probe`` on (tokens, label) batches. ``encoder`` (optional) maps a raw batch
-    input to tokens first (end-to-end mode); in cached mode batches are tokens already."""
+    input to tokens first (end-to-end mode); in cached mode batches are tokens already.
+
+    Cached fits draw jitter from the ``jitter_draws`` stream of ``seed`` (shared | per_probe,
+    as ``train.jitter_draws`` for the bank) and attention dropout from the configuration's
+    own stream; end-to-end fits (End2EndModule) use the global generator, reseeded per step.
+    """
 
     def __init__(self, probe: nn.Module, hp: HParams, total_steps: int,
                  weights: torch.Tensor, jitter_p: float = 0.5, jitter_sigma: float = 0.05,
-                 encoder: nn.Module | None = None) -> None:
+                 encoder: nn.Module | None = None, seed: int = 0,
+                 jitter_draws: str = "shared") -> None:
         super().__init__()
         self.probe = probe
         self.encoder = encoder
         self.hp = hp
         self.total_steps = total_steps
         self.jitter_p, self.jitter_sigma = jitter_p, jitter_sigma
+        self.seed, self.jitter_draws = seed, jitter_draws
+        self.jitter_stream: ProbeStream | None = None
         self.register_buffer("class_weights", weights)
+
+    def on_fit_start(self) -> None:
+        if self.encoder is not None:
+            return
+        own = ProbeStream(probe_seed(self.seed, self.hp), self.device)
+        self.jitter_stream = own if self.jitter_draws == "per_probe" else \
+            ProbeStream(probe_seed(self.seed, None), self.device)
+        drop = getattr(self.probe, "attn_drop", None)
+        if isinstance(drop, nn.Dropout):  # same masks, drawn in the bank's order
+            self.probe.attn_drop = StreamDropout(own, drop.p)
+
+    def on_fit_end(self) -> None:
+        drop = getattr(self.probe, "attn_drop", None)
+        if isinstance(drop, StreamDropout):  # the probe leaves as the paper's module
+            self.probe.attn_drop = nn.Dropout(drop.p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.encoder is not None:
@@ -94,7 +121,10 @@ class ProbeModule(L.LightningModule):
         x, y = batch
         if self.encoder is not None:
             x = self.encoder(x)
-        x = jitter(x, self.jitter_p, self.jitter_sigma)
+        if self.jitter_stream is not None:
+            x = self.jitter_stream.jitter(x, self.jitter_p, self.jitter_sigma)
+        else:
+            x = jitter(x, self.jitter_p, self.jitter_sigma)
         loss = F.cross_entropy(self.probe(x), y, weight=self.class_weights)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step} "
@@ -182,7 +212,8 @@ def fit_probe(probe: nn.Module, hp: HParams, x: torch.Tensor, y: torch.Tensor,
     batches = FeatureBatches(x, y, batch, shuffle=True, seed=seed)
     steps = len(batches) * epochs_for(len(y), batch, train_cfg.epochs, train_cfg.min_steps)
     module = ProbeModule(probe, hp, steps, class_weights(y, num_classes),
-                         train_cfg.jitter_p, train_cfg.jitter_sigma)
+                         train_cfg.jitter_p, train_cfg.jitter_sigma, seed=seed,
+                         jitter_draws=train_cfg.get("jitter_draws", "shared"))
     trainer = make_trainer(trainer_cfg, steps, logger=logger)
     trainer.fit(module, train_dataloaders=batches)
     module.fit_info = dict(steps=trainer.global_step, batch_size=batch, samples=len(y))

@@ -15,7 +15,6 @@ from alfusion.probes import AttentiveProbe, LinearProbe
 from alfusion.probes.bank import (
     BankTrainer,
     ProbeBank,
-    ProbeStream,
     adamw_step,
     clip_per_probe,
     cosine_lrs,
@@ -23,8 +22,8 @@ from alfusion.probes.bank import (
     fit_grid,
     fresh_probe,
     grid_slice,
-    probe_seed,
 )
+from alfusion.random_draws import ProbeStream, StreamDropout, probe_seed
 from alfusion.search import run_search
 from alfusion.training import (
     MIN_LR,
@@ -47,18 +46,6 @@ def clustered(n: int, shape: tuple[int, ...], classes: int, seed: int = 0):
     means = torch.randn(classes, *shape, generator=g)
     x = means[y] + 1.5 * torch.randn(n, *shape, generator=g)
     return F.normalize(x, dim=-1), y
-
-
-class StreamDropout(nn.Module):
-    """Attention dropout drawing its mask from a ProbeStream (the bank's draws, reproduced)."""
-
-    def __init__(self, stream: ProbeStream, p: float) -> None:
-        super().__init__()
-        self.stream, self.p = stream, p
-
-    def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        mask = self.stream.dropout(attn.shape, self.p, attn.device) if self.training else None
-        return attn if mask is None else attn * mask
 
 
 def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, seed: int,
@@ -174,17 +161,24 @@ def test_bank_equals_each_probe_trained_alone(kind, jitter_draws):
         assert not torch.allclose(exported.head.weight, fresh_probe(make, hp, seed).head.weight)
 
 
-def test_bank_of_one_matches_fit_probe_through_lightning():
+@pytest.mark.parametrize("jitter_draws", ["shared", "per_probe"])
+def test_bank_of_one_matches_fit_probe_through_lightning(jitter_draws):
     """fit_bank with one configuration and fit_probe (Lightning) see the same batches, lr
-    schedule and clipping: same weights. Jitter off, dropout 0 (their random streams differ)."""
+    schedule, clipping, jitter draws and dropout masks (random_draws.py): same weights."""
     x, y = clustered(100, (6, 16), 4, seed=1)
     make = lambda hp: AttentiveProbe(16, 4, num_heads=4, attn_drop=hp.dropout)
-    hp = HParams(0.01, 1e-3)
-    cfg = OmegaConf.merge(TRAIN, dict(jitter_p=0.0))
+    hp = HParams(0.01, 1e-3, 0.3)
+    cfg = OmegaConf.merge(TRAIN, dict(jitter_draws=jitter_draws))
     [banked] = fit_bank([hp], make, x, y, 4, cfg, seed=5)
     module = fit_probe(fresh_probe(make, hp, 5), hp, x, y, 4, cfg, CPU_TRAINER, seed=5)
     assert module.fit_info["steps"] == 20
-    assert_same_probe(banked, module.probe.eval(), x, 0.0)
+    assert type(module.probe.attn_drop) is nn.Dropout  # the paper's module again after the fit
+    assert_same_probe(banked, module.probe.eval(), x, hp.dropout)
+    # the draws matter: the other mode's jitter stream gives other weights
+    other_mode = "per_probe" if jitter_draws == "shared" else "shared"
+    [other] = fit_bank([hp], make, x, y, 4, OmegaConf.merge(cfg, dict(jitter_draws=other_mode)),
+                       seed=5)
+    assert not torch.allclose(other.head.weight, module.probe.head.weight, atol=1e-4)
 
 
 def test_adamw_and_clip_match_torch_on_large_gradients():

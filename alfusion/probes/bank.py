@@ -26,7 +26,6 @@ docs/benchmarks.md).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from torch import nn
 
 from alfusion.probes.attentive import AttentiveProbe
 from alfusion.probes.linear import LinearProbe
+from alfusion.random_draws import ProbeStream, probe_seed
 from alfusion.training import (
     MIN_LR,
     FeatureBatches,
@@ -52,51 +52,6 @@ BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, as the paper uses them
 ADAM_EPS = 1e-8
 CLIP_NORM = 5.0
 JITTER_DRAWS = ("shared", "per_probe")
-
-
-# ----------------------------------------------------------------------------- random draws
-
-def probe_seed(seed: int, hp: HParams | None) -> int:
-    """A generator seed that depends only on the run seed and the configuration, so a probe
-    draws the same numbers whatever else is in its bank (or on its rank)."""
-    key = f"{seed}|shared" if hp is None else f"{seed}|{hp.lr!r}|{hp.wd!r}|{hp.dropout!r}"
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
-
-
-class ProbeStream:
-    """One probe's random draws from its own generator: jitter coin and noise, dropout masks.
-
-    Draw order per step: jitter coin (B,), jitter noise (K, ...) for the K chosen samples,
-    then the dropout keep mask (B, H, T) when the probe has dropout. A single-probe loop
-    that calls ``jitter`` and ``dropout`` in that order reproduces the bank's draws exactly.
-    """
-
-    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def jitter(self, x: torch.Tensor, p: float, sigma: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p,
-        written into ``out`` (B, ...) when given (the bank fills its (G, B, ...) input).
-
-        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5 (on
-        the CPU the normal draws cost a fifth of a single ALF step)."""
-        if p <= 0 or sigma <= 0:
-            return x if out is None else out.copy_(x)
-        gen = self.generator
-        rows = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).nonzero()[:, 0]
-        noise = torch.randn((rows.numel(), *x.shape[1:]), generator=gen, device=x.device,
-                            dtype=x.dtype)
-        out = x.clone() if out is None else out.copy_(x)
-        return out.index_add_(0, rows, noise, alpha=sigma)
-
-    def dropout(self, shape: Sequence[int], p: float, device: torch.device | str
-                ) -> torch.Tensor | None:
-        """Inverted-dropout multiplier (shape) with zeros at rate p and 1/(1-p) elsewhere."""
-        if p <= 0:
-            return None
-        keep = torch.rand(tuple(shape), generator=self.generator, device=device) >= p
-        return keep.float() * (1.0 / (1.0 - p))
 
 
 # ----------------------------------------------------------------------------- the bank
@@ -385,7 +340,6 @@ class BankTrainer:
         self.names = list(bank.params)
         self.exp_avgs = [torch.zeros_like(bank.params[n]) for n in self.names]
         self.exp_avg_sqs = [torch.zeros_like(bank.params[n]) for n in self.names]
-        self.grads = [torch.zeros_like(bank.params[n]) for n in self.names]
         self.first_bad_step = torch.full((len(bank),), -1, dtype=torch.long, device=device)
         self.step_count = 0
         self.loss_fn = torch.compile(_chunk_loss, dynamic=False) if compile else _chunk_loss
@@ -421,7 +375,11 @@ class BankTrainer:
         return drop
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,)."""
+        """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,).
+
+        Pass by pass: forward, backward, clipping and AdamW of the pass's probes, so that
+        their activations, gradients and optimiser state are touched while still in cache
+        (probes never interact, so the order changes nothing)."""
         if self.step_count >= self.total_steps:
             raise RuntimeError(f"the schedule has {self.total_steps} steps; all are done")
         bank, G = self.bank, len(self.bank)
@@ -429,6 +387,9 @@ class BankTrainer:
         p, sigma = self.jitter_p, self.jitter_sigma
         if self.jitter_draws == "shared" or p <= 0 or sigma <= 0:  # one input for the bank
             self._shared_x = self._normalised(self.shared_stream.jitter(xb, p, sigma))
+        s = self.step_count
+        self.step_count += 1
+        step_size = (self.lrs[s] / (1 - BETAS[0] ** self.step_count)).float().to(bank.device)
         losses = torch.empty(G, device=bank.device)
         for g0 in range(0, G, self.chunk):
             g1 = min(G, g0 + self.chunk)
@@ -441,24 +402,19 @@ class BankTrainer:
                 loss = self.loss_fn(bank.kind, bank.spec, leaves, buffers, x, yb, self.weights,
                                     drop)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+            losses[g0:g1] = loss.detach()
             # norm_k.bias cancels in the softmax: no gradient, so, as torch.optim does for a
             # parameter whose .grad is None, it is neither clipped nor decayed nor updated.
-            self.used = [part is not None for part in grads]
-            for full, part in zip(self.grads, grads, strict=True):
-                if part is not None:
-                    full[g0:g1] = part
-            losses[g0:g1] = loss.detach()
+            used = [i for i, grad in enumerate(grads) if grad is not None]
+            clip_per_probe([grads[i] for i in used])
+            adamw_step([bank.params[self.names[i]][g0:g1] for i in used],
+                       [grads[i] for i in used],
+                       [self.exp_avgs[i][g0:g1] for i in used],
+                       [self.exp_avg_sqs[i][g0:g1] for i in used],
+                       self.step_count, self.decay[s, g0:g1], step_size[g0:g1])
         # A diverged probe keeps training on NaNs without touching the others; remembered.
         newly_bad = ~torch.isfinite(losses) & (self.first_bad_step < 0)
-        self.first_bad_step.masked_fill_(newly_bad, self.step_count)
-        used = [i for i, u in enumerate(self.used) if u]
-        clip_per_probe([self.grads[i] for i in used])
-        s = self.step_count
-        self.step_count += 1
-        step_size = (self.lrs[s] / (1 - BETAS[0] ** self.step_count)).float().to(bank.device)
-        adamw_step(*([seq[i] for i in used] for seq in (
-            [bank.params[n] for n in self.names], self.grads, self.exp_avgs, self.exp_avg_sqs)),
-            self.step_count, self.decay[s], step_size)
+        self.first_bad_step.masked_fill_(newly_bad, s)
         return losses
 
     def failures(self) -> dict[int, NonFiniteLoss]:
@@ -478,16 +434,19 @@ def fresh_probe(make_probe: Callable[[HParams], nn.Module], hp: HParams, seed: i
 
 def auto_chunk(bank: ProbeBank, batch: int, sample_shape: Sequence[int], per_probe_inputs: bool,
                budget_bytes: int | None = None) -> int:
-    """How many probes go through one pass: all whose activations fit in ``budget_bytes``
-    (default: half the free GPU memory; on the CPU 2 GiB, and one probe at a time with
-    per-probe inputs, which measured fastest there: a pass then stays cache-sized)."""
+    """How many probes go through one pass: all whose activations fit in ``budget_bytes``.
+
+    Default budget: half the free GPU memory; on the CPU 256 MiB, and one probe at a time
+    with per-probe inputs. On the CPU a pass must stay near cache size: a step's work per
+    probe is fixed, and a pass over all 63 probes of the default experiment (1.7 GB of
+    activations) is half as fast per probe as passes of 8 (docs/benchmarks.md)."""
     if budget_bytes is None:
         if bank.device.type == "cuda":
             budget_bytes = torch.cuda.mem_get_info(bank.device)[0] // 2
         elif per_probe_inputs:
             return 1
         else:
-            budget_bytes = 2 << 30
+            budget_bytes = 256 << 20
     per = activation_bytes_per_probe(bank, batch, sample_shape, per_probe_inputs)
     return max(1, min(len(bank), budget_bytes // max(per, 1)))
 
