@@ -9,6 +9,7 @@ here sees the draws the same configuration gets inside a ProbeBank.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -193,7 +194,8 @@ def make_trainer(trainer_cfg, max_steps: int, logger=False, **overrides) -> L.Tr
         logger=logger,
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=trainer_cfg.get("progress_bar", True),
+        enable_progress_bar=trainer_cfg.get("progress_bar", True)
+        and os.environ.get("ALFUSION_NO_PROGRESS") != "1",  # CI and logs: no bars
         num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=25,

@@ -3,8 +3,11 @@
 ALF on ViT-B-sized features (24 tokens x 768, 24 heads, head_dim 64), N = 20,000 cached
 samples (fp16, as in the cache), C = 10, batch 2048 (the shrink rule's batch for N = 20k),
 the paper's grid values (lr x wd x dropout, G = 21: dropout 0 only, G = 63: all three).
-"One probe" is our single fit (a bank of one: same code, same batches). A ratio below 1 means
-the bank is cheaper than training the configurations one after another.
+Two single fits are the baselines: our Lightning fit (``fit_probe``, what ``search.bank=false``
+runs for every configuration and the search's final refit runs once; its per-step time is
+the difference of a 3-step and a 3 + ``single_steps``-step fit, so Trainer start-up cancels)
+and a bank of one (same code as the bank, same batches). A ratio below 1 means the bank is
+cheaper than training the configurations one after another.
 
 On a CPU the arithmetic per probe cannot be shared (every probe has its own weights and,
 with ``jitter_draws=per_probe``, its own jittered input), so the bank saves only the batch
@@ -22,10 +25,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from alfusion.probes import AttentiveProbe
 from alfusion.probes.bank import BankTrainer, ProbeBank, auto_chunk, fresh_probe
-from alfusion.training import FeatureBatches, HParams, batch_size_for, class_weights
+from alfusion.training import FeatureBatches, HParams, batch_size_for, class_weights, fit_probe
 
 N, T, D, C = 20_000, 24, 768, 10
 LRS, WDS, DROPS = (0.1, 0.01, 0.001), tuple(10.0 ** -k for k in range(6, -1, -1)), (0, .1, .3)
@@ -36,10 +40,34 @@ def grid(size: int) -> list[HParams]:
     return [HParams(lr, wd, d) for lr in LRS for wd in WDS for d in drops][:size]
 
 
+def make(hp: HParams) -> AttentiveProbe:
+    return AttentiveProbe(D, C, num_heads=T, attn_drop=hp.dropout)
+
+
+def lightning_step_times(x, y, batch, steps, jitter_draws) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step of ``fit_probe`` on 2 x batch samples: the
+    difference between a 3-step and a (3 + steps)-step fit."""
+    device = "gpu" if x.device.type == "cuda" else "cpu"
+    trainer_cfg = OmegaConf.create(dict(accelerator=device, devices=1, progress_bar=False,
+                                        precision="bf16-mixed" if device == "gpu" else "32-true"))
+    x, y = x[:2 * batch].float(), y[:2 * batch]
+    times = []
+    for n in (3, 3 + steps):
+        train_cfg = OmegaConf.create(dict(batch_size=batch, min_batches=1, epochs=1,
+                                          min_steps=n, jitter_p=0.5, jitter_sigma=0.05,
+                                          jitter_draws=jitter_draws))
+        hp = grid(1)[0]
+        t0, c0 = time.perf_counter(), time.process_time()
+        fit_probe(fresh_probe(make, hp, 0), hp, x, y, C, train_cfg, trainer_cfg, seed=0)
+        if device == "gpu":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return tuple((times[1][i] - times[0][i]) / steps for i in range(2))
+
+
 def step_times(configs, x, y, weights, batch, steps, warmup, jitter_draws
                ) -> tuple[float, float]:
     """Median (wall, process CPU) seconds of a training step of a bank of ``configs``."""
-    make = lambda hp: AttentiveProbe(D, C, num_heads=T, attn_drop=hp.dropout)
     bank = ProbeBank.from_probes([fresh_probe(make, hp, 0) for hp in configs]).to(x.device)
     chunk = auto_chunk(bank, batch, (T, D), jitter_draws == "per_probe")
     cuda = x.device.type == "cuda"
@@ -75,22 +103,27 @@ def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
     print(f"ALF bank, N={N}, {T}x{D} tokens (fp16 cache), C={C}, batch {batch}, {where}")
     out = {}
     for mode in modes:
-        # One probe measured before and after the banks (8 steps in all): the machine's load
-        # drifts over the minutes a bank step takes.
+        # The single fits measured before and after the banks (8 steps each in all): the
+        # machine's load drifts over the minutes a bank step takes.
         before = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
+        light_before = lightning_step_times(x, y, batch, single_steps, mode)
         banks = {G: step_times(grid(G), x, y, weights, batch, bank_steps, 0, mode)
                  for G in sizes}
         after = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
-        one = [(before[i] + after[i]) / 2 for i in range(2)]
-        print(f"  jitter_draws={mode}: one probe {one[0]:.2f} s/step wall, {one[1]:.2f} s CPU "
-              f"(before the banks {before[0]:.2f} / {before[1]:.2f}, after {after[0]:.2f} / "
-              f"{after[1]:.2f})", flush=True)
+        light_after = lightning_step_times(x, y, batch, single_steps, mode)
+        singles = {"Lightning fit": (light_before, light_after), "bank of one": (before, after)}
+        print(f"  jitter_draws={mode}: one probe, s/step wall / CPU (before the banks, after):")
+        for name, (b, a) in singles.items():
+            print(f"    {name:13s} {(b[0] + a[0]) / 2:.3f} / {(b[1] + a[1]) / 2:.3f} "
+                  f"({b[0]:.3f} / {b[1]:.3f}, {a[0]:.3f} / {a[1]:.3f})", flush=True)
         for G, t in banks.items():
-            ratio = [t[i] / (G * one[i]) for i in range(2)]
-            out[(mode, G)] = ratio
             print(f"    G={G:3d}: bank {t[0]:7.2f} s/step wall, {t[1]:7.2f} s CPU; ratio "
-                  f"bank / (G x one probe): wall {ratio[0]:.3f}, CPU {ratio[1]:.3f}   "
-                  "[CPU: must be < 1; GPU target <= 0.1]", flush=True)
+                  "bank / (G x one probe), wall / CPU:", flush=True)
+            for name, (b, a) in singles.items():
+                ratio = [t[i] / (G * (b[i] + a[i]) / 2) for i in range(2)]
+                out[(mode, G, name)] = ratio
+                print(f"      vs {name:13s} {ratio[0]:.3f} / {ratio[1]:.3f}   "
+                      "[CPU: must be < 1; GPU target <= 0.1]", flush=True)
     return out
 
 
