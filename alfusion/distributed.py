@@ -124,6 +124,13 @@ class RankSlice(IterableDataset):
     def __len__(self) -> int:
         return self.n // self.world
 
+    def indices(self) -> list[int]:
+        """The stream rows this rank reads each epoch (for audits), in stream order; the
+        shuffle buffer reorders them, never adds or drops one."""
+        if self.source is not None:
+            return list(range(self.source.start, self.source.start + len(self)))
+        return list(range(self.rank, self.n, self.world))[:len(self)]
+
     def _items(self):
         if self.source is not None:
             yield from self.source  # splits over workers by itself

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
@@ -37,7 +36,7 @@ from alfusion.image_data import (
 from alfusion.metrics import classification_metrics
 from alfusion.probes import build_probe, build_token_set
 from alfusion.resume import RunState, checkpoint_to_resume, open_run_state
-from alfusion.search import expand_grid, few_shot, stratified_split
+from alfusion.search import expand_grid, select, split_indices
 from alfusion.training import HParams, batch_size_for, class_weights, make_trainer
 
 
@@ -61,6 +60,7 @@ def fit_images(cfg, encoder: TokenEncoder, probe: torch.nn.Module, hp: HParams, 
     train.min_steps steps; checkpoints after every epoch under state's run folder.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    encoder.reset()  # a fine-tuning fit starts from the pretrained weights, not the last fit's
     # A frozen backbone is in eval mode on purpose; Lightning warns about it at every fit.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     callbacks = []
@@ -82,8 +82,8 @@ def fit_images(cfg, encoder: TokenEncoder, probe: torch.nn.Module, hp: HParams, 
     trainer.fit_loop.epoch_loop.max_steps = steps
     if callbacks:
         callbacks[0]._every_n_train_steps = per_epoch  # known only now (batch, world)
-    start = torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"] \
-        if ckpt_path else 0
+    start = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True
+                       )["global_step"] if ckpt_path else 0
     loader, part = train_loader(dataset, batch, rank, world, cfg.seed, cfg.end2end.num_workers,
                                 total_steps=steps, start_step=start,
                                 pin_memory=trainer.strategy.root_device.type == "cuda",
@@ -130,12 +130,18 @@ def run_end2end(cfg, run_dir: Path) -> dict:
         train_tf = augment_transform(eval_tf, cfg.backbone.get("img_size")) \
             if cfg.end2end.augment else eval_tf
         train_ds = build_dataset(cfg.dataset, "train", train_tf)
+        configs = expand_grid(cfg.search, attentive=cfg.probe.kind == "attentive")
+        subsets = cfg.search.validate or len(configs) > 1 or cfg.get("fewshot_k")
+        if subsets and isinstance(train_ds, IterableDataset):  # refused before a pass over it
+            raise ValueError("a streamed dataset cannot be split for validation, a search grid "
+                             "or few-shot in end-to-end mode: set search=none "
+                             "search.validate=false fewshot_k=null (or cache its features: "
+                             "mode=cached)")
         plain_train = build_dataset(cfg.dataset, "train", eval_tf) \
             if cfg.end2end.augment else train_ds
         test_ds = build_dataset(cfg.dataset, "test", eval_tf)
         y_train = labels_of(plain_train, cfg.end2end.num_workers)
         num_classes = cfg.dataset.get("num_classes") or int(y_train.max()) + 1
-        configs = expand_grid(cfg.search, attentive=cfg.probe.kind == "attentive")
         hp = configs[0]
         with torch.no_grad():
             probe_input = encoder.eval()(first_image(plain_train)[None])
@@ -146,16 +152,8 @@ def run_end2end(cfg, run_dir: Path) -> dict:
             return build_probe(cfg.probe, token_set, backbone.dims, num_classes, num_tokens,
                                attn_drop=hp.dropout)
 
-        fit_idx, val_idx = stratified_split(y_train, cfg.search.val_fraction,
-                                            cfg.search.val_seed)
-        final_idx = np.arange(len(y_train))
-        if cfg.get("fewshot_k"):
-            fit_idx = few_shot(y_train, fit_idx, cfg.fewshot_k, cfg.seed)
-            final_idx = fit_idx
-        subsets = cfg.search.validate or cfg.get("fewshot_k")
-        if subsets and isinstance(train_ds, IterableDataset):
-            raise ValueError("a streamed dataset cannot be split for validation or few-shot in "
-                             "end-to-end mode: set search.validate=false and fewshot_k=null")
+        fit_idx, val_idx, final_idx = split_indices(y_train, cfg.search, cfg.get("fewshot_k"),
+                                                    cfg.seed)
         val, grid = {}, []
         if len(configs) > 1 or cfg.search.validate:
             # The search of PROTOCOL.md 3, one end-to-end fit per configuration (each a resumable
@@ -175,7 +173,7 @@ def run_end2end(cfg, run_dir: Path) -> dict:
                         metrics = classification_metrics(logits, y, num_classes)
                         state.finish_stage(stage, dict(metrics=metrics))
                 grid.append(metrics)
-            chosen = [int(np.argmax([m["bal_acc"] for m in grid]))] if rank0 else [0]
+            chosen = [select([m["bal_acc"] for m in grid])] if rank0 else [0]
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.broadcast_object_list(chosen, src=0)
             hp, val = configs[chosen[0]], grid[chosen[0]] or {}

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from alfusion.distributed import is_global_zero
@@ -79,17 +80,39 @@ def find_unfinished(root: Path, fingerprint: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+CKPT_FIX = ("pass <run folder>/checkpoints/<stage>/last.ckpt of an earlier end-to-end run, or "
+            "resume=true to continue the newest unfinished run of this config")
+
+
 def run_folder_of(ckpt_path: str) -> Path:
     """The run folder holding a checkpoint file (the nearest parent with a resume.json)."""
     path = Path(ckpt_path).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; {CKPT_FIX}")
     for parent in path.parents:
         if (parent / STATE_FILE).exists():
             return parent
     raise FileNotFoundError(f"ckpt_path={ckpt_path} is not inside an alfusion run folder (no "
                             f"{STATE_FILE} above it): pass a checkpoint under "
                             "<run folder>/checkpoints/")
+
+
+def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
+    """Refuse a ``ckpt_path`` that is not a fit checkpoint of ``run_dir`` before any work (and
+    before the run's MLflow run is reopened): it must lie in ``run_dir/checkpoints/<stage>/``
+    and read as a Lightning checkpoint (a dict with ``global_step`` and ``state_dict``)."""
+    path = Path(ckpt_path).expanduser().resolve()
+    if path.parent.parent != Path(run_dir) / "checkpoints":
+        raise ValueError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
+                         f"(those are {run_dir}/checkpoints/<stage>/last.ckpt): {CKPT_FIX}")
+    try:  # memory-mapped: a fine-tuning checkpoint can be large, and only its keys are read
+        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many kinds of error for a damaged file
+        raise ValueError(f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({err}): the "
+                         f"file is damaged or not a checkpoint; {CKPT_FIX}") from err
+    if not isinstance(data, dict) or not {"global_step", "state_dict"} <= data.keys():
+        raise ValueError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (it has no "
+                         f"global_step and state_dict): {CKPT_FIX}")
 
 
 def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
@@ -103,6 +126,7 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         previous = None
         if cfg.get("ckpt_path"):
             previous = run_folder_of(cfg.ckpt_path)
+            check_checkpoint(cfg.ckpt_path, previous)
         elif cfg.get("resume"):
             previous = find_unfinished(Path(cfg.paths.root), fingerprint)
             if previous is None:

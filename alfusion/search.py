@@ -50,6 +50,24 @@ def few_shot(labels: torch.Tensor, index: np.ndarray, k: int, seed: int) -> np.n
     return np.sort(np.concatenate(chosen))
 
 
+def split_indices(labels: torch.Tensor, search_cfg, fewshot_k: int | None, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fit, validation, final-fit) indices into the train split: the stratified validation
+    split of ``search_cfg``; with ``fewshot_k``, K per class of the fit part for both fits (the
+    final fit never sees a validation sample), else all of train for the final fit."""
+    fit_idx, val_idx = stratified_split(labels, search_cfg.val_fraction, search_cfg.val_seed)
+    final_idx = np.arange(len(labels))
+    if fewshot_k:
+        fit_idx = few_shot(labels, fit_idx, fewshot_k, seed)
+        final_idx = fit_idx
+    return fit_idx, val_idx, final_idx
+
+
+def select(scores: list[float]) -> int:
+    """The index of the best validation score; the first of equals (grid order breaks ties)."""
+    return int(np.argmax(scores))
+
+
 @dataclass
 class SearchResult:
     best: HParams
@@ -96,11 +114,7 @@ def run_search(make_probe: Callable[[HParams], torch.nn.Module], configs: list[H
     """
     x, y = train
     search_cfg = cfg.search
-    fit_idx, val_idx = stratified_split(y, search_cfg.val_fraction, search_cfg.val_seed)
-    final_idx = np.arange(len(y))
-    if cfg.get("fewshot_k"):
-        fit_idx = few_shot(y, fit_idx, cfg.fewshot_k, cfg.seed)
-        final_idx = fit_idx  # the final fit never sees a validation sample
+    fit_idx, val_idx, final_idx = split_indices(y, search_cfg, cfg.get("fewshot_k"), cfg.seed)
     t0 = time.perf_counter()
     grid, val = [], {}
     best = configs[0]
@@ -124,7 +138,7 @@ def run_search(make_probe: Callable[[HParams], torch.nn.Module], configs: list[H
             raise NonFiniteLoss(f"all {len(failures)} configurations of the grid diverged: "
                                 f"{'; '.join(failures[:3])}{more}. Check the features for "
                                 "NaN/inf or lower the learning rates")
-        chosen = int(np.argmax(scores))  # first of equals: grid order breaks ties
+        chosen = select(scores)
         best = configs[chosen]
         val = classification_metrics(predict(models[chosen], x[val_idx]), y[val_idx],
                                      num_classes)
