@@ -17,7 +17,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from alfusion.metrics import classification_metrics
-from alfusion.probes.bank import fit_grid, fresh_probe
+from alfusion.probes.bank import fit_bank, fit_grid, fresh_probe
 from alfusion.training import HParams, NonFiniteLoss, fit_probe, predict
 
 log = logging.getLogger(__name__)
@@ -84,24 +84,22 @@ class SearchResult:
 def train_grid(configs: list[HParams], make_probe: Callable, x, y, num_classes, train_cfg,
                trainer_cfg, seed, bank: bool = True) -> list[torch.nn.Module | NonFiniteLoss]:
     """Train every configuration on (x, y): all at once as a ProbeBank (``bank``, split
-    across ranks when torch.distributed is initialised), or one after another.
+    across ranks when torch.distributed is initialised), or one after another, each alone.
+
+    Alone, a configuration is a bank of one: the same single-probe training, bit for bit,
+    as inside the bank (tests/test_bank.py), so both ways score and select alike. (Lightning's
+    ``fit_probe`` agrees to float rounding only, and at lr 0.1 the paper's training turns
+    rounding into different probes within a few steps: docs/benchmarks.md.)
 
     Returns one entry per configuration, in order: the trained model, or the NonFiniteLoss
-    of a configuration whose loss became NaN/inf. A diverged configuration must not change
-    the others (one by one each fit starts from its own seeded state; in the bank probes
-    never interact). Either way every probe starts from the weights ``seed`` gives.
+    of a configuration whose loss became NaN/inf; the others are unaffected. Every probe
+    starts from the weights ``seed`` gives.
     """
     if bank:
         return fit_grid(configs, make_probe, x, y, num_classes, train_cfg, seed,
                         precision=trainer_cfg.precision)
-    out: list[torch.nn.Module | NonFiniteLoss] = []
-    for hp in configs:
-        try:
-            out.append(fit_probe(fresh_probe(make_probe, hp, seed), hp, x, y, num_classes,
-                                 train_cfg, trainer_cfg, seed))
-        except NonFiniteLoss as err:
-            out.append(err)
-    return out
+    return [fit_bank([hp], make_probe, x, y, num_classes, train_cfg, seed,
+                     precision=trainer_cfg.precision)[0] for hp in configs]
 
 
 def run_search(make_probe: Callable[[HParams], torch.nn.Module], configs: list[HParams],

@@ -87,7 +87,7 @@ class ProbeBank:
                  buffers: dict[str, torch.Tensor], dropouts: Sequence[float]) -> None:
         if not isinstance(template, AttentiveProbe | LinearProbe):
             raise TypeError(f"ProbeBank holds AttentiveProbe or LinearProbe, not "
-                            f"{type(template).__name__}: train it with search.bank=false")
+                            f"{type(template).__name__}: train it with training.fit_probe")
         self.template = template
         self.kind = "attentive" if isinstance(template, AttentiveProbe) else "linear"
         self.spec = AttentiveSpec.of(template) if self.kind == "attentive" else None
@@ -186,7 +186,11 @@ def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.T
     # in: (G, H, D), parameter-sized, so no per-token elementwise work.
     u = torch.einsum("ghe,ghed->ghd", q, p["k.weight"].view(G, H, E, D))
     u = u * (p["norm_k.weight"] * spec.scale)[:, None, :]
-    scores = torch.einsum("btd,ghd->gbht" if shared else "gbtd,ghd->gbht", xhat, u)
+    # One (H, D) x (D, B T) product per probe (batched over G) rather than one product with
+    # G H rows: the kernel, and so the rounding, must not depend on G.
+    B, T = xhat.shape[-3], xhat.shape[-2]
+    scores = torch.matmul(u, xhat.reshape(-1, B * T, D).transpose(1, 2))  # (G, H, B T)
+    scores = scores.view(G, H, B, T).transpose(1, 2)  # (G, B, H, T)
     attn = scores.float().softmax(dim=-1)  # (G, B, H, T)
     if drop is not None:
         attn = attn * drop
@@ -195,7 +199,10 @@ def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.T
     # s = sum_t attn (1 without dropout).
     w_v = p["v.weight"].view(G, H, E, D)
     out = torch.einsum("gbhd,ghed->gbhe", z, w_v * p["norm_v.weight"][:, None, None, :])
-    shift = torch.einsum("ghed,gd->ghe", w_v, p["norm_v.bias"])
+    # Elementwise product and sum, not an einsum: for G = 1 einsum takes a matrix-vector
+    # kernel whose rounding differs from the G > 1 batched one, and a probe's result must
+    # not depend on what else is in its bank (tests/test_bank.py checks this bitwise).
+    shift = (w_v * p["norm_v.bias"][:, None, None, :]).sum(-1)  # (G, H, E)
     out = (out + attn.sum(-1, keepdim=True) * shift[:, None]).flatten(2)  # (G, B, A)
     pooled = torch.einsum("gba,gda->gbd", out, p["proj.weight"]) + p["proj.bias"][:, None, :]
     h = _batch_norm(pooled, p["bn.weight"], p["bn.bias"], buffers, training, spec)
