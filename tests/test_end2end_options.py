@@ -173,6 +173,8 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients(one_t
         loss = F.cross_entropy(probe(encoder(images)), y)
         in_forward = len(calls)
         loss.backward()
+        # the recomputation in backward leaves no tapped activations behind
+        assert encoder.backbone._captured == {}
         grads = {n: p.grad.clone() for n, p in encoder.backbone.named_parameters()}
         return loss.detach(), grads, (in_forward, len(calls) - in_forward)
 

@@ -19,7 +19,7 @@ from alfusion.analysis.head_bank import head_logits, train_heads
 from alfusion.analysis.plots import new_figure, save
 from alfusion.data.cache import CacheEntry
 from alfusion.metrics import classification_metrics
-from alfusion.search import stratified_split
+from alfusion.search import select, stratified_split
 from alfusion.tokens import TokenSet
 from alfusion.training import HParams
 
@@ -58,7 +58,7 @@ def per_layer_probes(train: tuple[torch.Tensor, torch.Tensor],
         for p in range(num_positions):
             scores = [classification_metrics(logits[(hp, p)], y[val], num_classes)["bal_acc"]
                       for hp in configs]
-            best = int(np.argmax(scores))  # first of equals: grid order breaks ties
+            best = select(scores)
             chosen[p], val_scores[p] = configs[best], scores[best]
     plan = [(hp, [p for p in range(num_positions) if chosen[p] == hp]) for hp in configs]
     groups = train_heads([(hp, heads) for hp, heads in plan if heads], x, y, num_classes,

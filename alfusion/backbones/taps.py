@@ -54,6 +54,7 @@ class TappedBackbone(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.dims = list(dims)
         self._captured: dict[str, torch.Tensor] = {}
+        self._recording = False
         modules = dict(model.named_modules())
         missing = [n for n in self.tap_names if n not in modules]
         if missing:
@@ -64,8 +65,10 @@ class TappedBackbone(nn.Module):
 
     def _make_hook(self, name: str):
         def hook(_module, _inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            self._captured[name] = out
+            # Only inside forward(): activation checkpointing re-runs blocks during backward,
+            # and keeping those outputs would hold a batch of every tapped layer in memory.
+            if self._recording:
+                self._captured[name] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
@@ -76,10 +79,12 @@ class TappedBackbone(nn.Module):
     def forward(self, images: torch.Tensor, all_tokens: bool = False) -> LayerOutputs:
         """images: (B, 3, H, W) -> LayerOutputs for every tapped layer."""
         self._captured.clear()
+        self._recording = True
         try:
             self._run(images)
             layers = [self._captured[name] for name in self.tap_names]
         finally:
+            self._recording = False
             self._captured.clear()
         width = self.width
         p = self.num_prefix_tokens
