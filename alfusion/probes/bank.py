@@ -186,11 +186,12 @@ def _attentive_logits(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.T
     # in: (G, H, D), parameter-sized, so no per-token elementwise work.
     u = torch.einsum("ghe,ghed->ghd", q, p["k.weight"].view(G, H, E, D))
     u = u * (p["norm_k.weight"] * spec.scale)[:, None, :]
-    # One (H, D) x (D, B T) product per probe (batched over G) rather than one product with
-    # G H rows: the kernel, and so the rounding, must not depend on G.
+    # One (H, D) x (D, B T) product per probe (batched over G; shared tokens are expanded,
+    # not copied) rather than one product with G H rows: the kernel, and so the rounding,
+    # must not depend on G.
     B, T = xhat.shape[-3], xhat.shape[-2]
-    scores = torch.matmul(u, xhat.reshape(-1, B * T, D).transpose(1, 2))  # (G, H, B T)
-    scores = scores.view(G, H, B, T).transpose(1, 2)  # (G, B, H, T)
+    tokens = xhat.reshape(-1, B * T, D).transpose(1, 2).expand(G, D, B * T)
+    scores = torch.bmm(u, tokens).view(G, H, B, T).transpose(1, 2)  # (G, B, H, T)
     attn = scores.float().softmax(dim=-1)  # (G, B, H, T)
     if drop is not None:
         attn = attn * drop
