@@ -3,23 +3,26 @@
 ALF on ViT-B-sized features (24 tokens x 768, 24 heads, head_dim 64), N = 20,000 cached
 samples (fp16, as in the cache), C = 10, batch 2048 (the shrink rule's batch for N = 20k),
 the paper's grid values (lr x wd x dropout, G = 21: dropout 0 only, G = 63: all three).
-Two single fits are the baselines: our Lightning fit (``fit_probe``, what ``search.bank=false``
-runs for every configuration and the search's final refit runs once; its per-step time is
-the difference of a 3-step and a 3 + ``single_steps``-step fit, so Trainer start-up cancels)
-and a bank of one (same code as the bank, same batches). A ratio below 1 means the bank is
-cheaper than training the configurations one after another.
+Two single fits are the baselines: our Lightning fit (``fit_probe``, what the search's final
+refit runs; per step: the difference between a 3-step fit and a longer one, so Trainer
+start-up cancels) and a bank of one (what ``search.bank=false`` runs per configuration).
+A ratio below 1 means the bank is cheaper than training the configurations one by one.
 
 On a CPU the arithmetic per probe cannot be shared (every probe has its own weights and,
-with ``jitter_draws=per_probe``, its own jittered input), so the bank saves only the batch
+with ``jitter_draws=per_probe``, its own jittered input), so the bank saves the batch
 gather, the dispatch overhead and, with ``shared`` draws, the LayerNorm and jitter noise;
-on a GPU the bank mostly fills an otherwise idle device. Each step is timed whole; the bank
-steps are few because one of them trains G probes. Wall and process-CPU time are both
-reported: on a shared machine the CPU time is the steadier of the two
-(``python -m benchmarks grid``).
+on a GPU the bank mostly fills an otherwise idle device. Every timing follows one untimed
+step (allocation and first touch of the optimiser state) and runs for at least 5 s. Wall
+and process-CPU time are both reported: on a shared machine the CPU time is the steadier
+(``python -m benchmarks grid``; ``BENCH_GRID_SHAPE=default`` for the default experiment's
+size).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import os
 import statistics
 import time
 
@@ -30,8 +33,12 @@ from omegaconf import OmegaConf
 from alfusion.probes import AttentiveProbe
 from alfusion.probes.bank import BankTrainer, ProbeBank, auto_chunk, fresh_probe
 from alfusion.training import FeatureBatches, HParams, batch_size_for, class_weights, fit_probe
+from benchmarks.bench_probe_speed import epochs
 
-N, T, D, C = 20_000, 24, 768, 10
+# BENCH_GRID_SHAPE=default measures at the default experiment's size instead (digits on the
+# offline ViT-S/14: the 1,077-sample fit split of 24 x 384 tokens, batch 195).
+SHAPES = dict(vit_b=(20_000, 24, 768, 10), default=(1_077, 24, 384, 10))
+N, T, D, C = SHAPES[os.environ.get("BENCH_GRID_SHAPE", "vit_b")]
 LRS, WDS, DROPS = (0.1, 0.01, 0.001), tuple(10.0 ** -k for k in range(6, -1, -1)), (0, .1, .3)
 
 
@@ -65,17 +72,18 @@ def lightning_step_times(x, y, batch, steps, jitter_draws) -> tuple[float, float
     return tuple((times[1][i] - times[0][i]) / steps for i in range(2))
 
 
-def step_times(configs, x, y, weights, batch, steps, warmup, jitter_draws
-               ) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds of a training step of a bank of ``configs``."""
+def step_times(configs, x, y, weights, batch, min_steps, warmup, jitter_draws,
+               min_seconds: float = 5.0) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds of a training step of a bank of ``configs``, over
+    at least ``min_steps`` timed steps and ``min_seconds`` after ``warmup`` untimed ones."""
     bank = ProbeBank.from_probes([fresh_probe(make, hp, 0) for hp in configs]).to(x.device)
     chunk = auto_chunk(bank, batch, (T, D), jitter_draws == "per_probe")
     cuda = x.device.type == "cuda"
-    trainer = BankTrainer(bank, configs, 1000, weights, seed=0, jitter_draws=jitter_draws,
+    trainer = BankTrainer(bank, configs, 100_000, weights, seed=0, jitter_draws=jitter_draws,
                           autocast=cuda, chunk=chunk)
-    it = iter(FeatureBatches(x, y, batch, seed=0))
+    it = epochs(FeatureBatches(x, y, batch, seed=0))
     walls, cpus = [], []
-    for i in range(warmup + steps):
+    for i in itertools.count():
         xb, yb = next(it)
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.step(xb, yb)
@@ -84,6 +92,8 @@ def step_times(configs, x, y, weights, batch, steps, warmup, jitter_draws
         if i >= warmup:
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
+            if len(walls) >= min_steps and sum(walls) >= min_seconds:
+                break
     return statistics.median(walls), statistics.median(cpus)
 
 
@@ -106,11 +116,13 @@ def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
         # The single fits measured before and after the banks (8 steps each in all): the
         # machine's load drifts over the minutes a bank step takes.
         before = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
-        light_before = lightning_step_times(x, y, batch, single_steps, mode)
-        banks = {G: step_times(grid(G), x, y, weights, batch, bank_steps, 0, mode)
+        # Lightning: enough extra steps that they outweigh the noise of Trainer start-up.
+        light_steps = max(3 * single_steps, math.ceil(10.0 / before[0]))
+        light_before = lightning_step_times(x, y, batch, light_steps, mode)
+        banks = {G: step_times(grid(G), x, y, weights, batch, bank_steps, 1, mode)
                  for G in sizes}
         after = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
-        light_after = lightning_step_times(x, y, batch, single_steps, mode)
+        light_after = lightning_step_times(x, y, batch, light_steps, mode)
         singles = {"Lightning fit": (light_before, light_after), "bank of one": (before, after)}
         print(f"  jitter_draws={mode}: one probe, s/step wall / CPU (before the banks, after):")
         for name, (b, a) in singles.items():
