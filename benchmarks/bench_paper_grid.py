@@ -15,8 +15,8 @@ FLOPs counted per probe and sample of a training step (the reassociated probe, m
 forward. LayerNorm, softmax, BatchNorm and the optimiser are not counted.
 
 A CPU cannot run this grid in useful time (about 63 x 1,000 x 0.7 s, half a day), so on a
-CPU ``main()`` runs ``cpu_steps`` steps and prints the measured time for those; the count of
-steps is printed beside every figure. ``python -m benchmarks paper_grid``.
+CPU ``main()`` trains ``cpu_steps`` steps (8: one epoch) and prints the time for those; the
+step count is printed with the figures. ``python -m benchmarks paper_grid``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def flops_per_sample_step() -> int:
     return 3 * 2 * (2 * H * T * D + 2 * D * A + D * C)
 
 
-def main(cpu_steps: int = 10) -> dict:
+def main(cpu_steps: int = 8) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     overrides = ["search=paper", "trainer.progress_bar=false"]
     if device.type == "cuda":
