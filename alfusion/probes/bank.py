@@ -449,7 +449,7 @@ def auto_chunk(bank: ProbeBank, batch: int, sample_shape: Sequence[int], per_pro
     shapes of a probe trained alone, so torch splits its work over threads alike and the
     bank's result for every probe equals, bit for bit, the one-by-one search's. That matters
     because the paper's lr 0.1 turns any rounding difference into another trained probe
-    (docs/benchmarks.md). It costs little: per probe, passes of 8 to 9 probes were 5 to 13 %
+    (docs/benchmarks.md). It costs little: per probe, passes of 8 to 9 probes were 0 to 13 %
     faster at the default experiment's size and no faster at ViT-B size."""
     if budget_bytes is None:
         if bank.device.type != "cuda":
