@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -50,6 +52,21 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = Tr
         raise AssertionError(f"alfusion {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def kill_at_first_checkpoint(run_dir: Path, *args: str) -> Path:
+    """Start ``python -m alfusion ARGS`` (its run folder ``run_dir``), SIGKILL it as soon as
+    the final fit's first checkpoint exists; returns that checkpoint's path."""
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    proc = subprocess.Popen([sys.executable, "-m", "alfusion", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "checkpoints/final/last.ckpt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    return ckpt
 
 
 @pytest.fixture

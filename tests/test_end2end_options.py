@@ -5,17 +5,12 @@ an explicit ``ckpt_path=`` resume (its errors too)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, compose_config, run_cli, tiny_overrides
+from conftest import compose_config, kill_at_first_checkpoint, run_cli, tiny_overrides
 from torch.utils.data import DataLoader
 
 from alfusion.backbones import build_backbone
@@ -225,16 +220,8 @@ RESUME = [*E2E, "train.min_steps=30"]
 
 def kill_after_first_checkpoint(root) -> str:
     """Start a run, SIGKILL it once its first checkpoint exists; the checkpoint's path."""
-    env = dict(os.environ, HYDRA_FULL_ERROR="1")
-    args = tiny_overrides(root, *RESUME, f"hydra.run.dir={root}/run")
-    proc = subprocess.Popen([sys.executable, "-m", "alfusion", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = root / "run/checkpoints/final/last.ckpt"
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    ckpt = kill_at_first_checkpoint(
+        root / "run", *tiny_overrides(root, *RESUME, f"hydra.run.dir={root}/run"))
     step = torch.load(ckpt, weights_only=False)["global_step"]
     assert 0 < step < 30, step
     return str(ckpt)

@@ -4,15 +4,10 @@ MLflow run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import torch
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import kill_at_first_checkpoint, run_cli, tiny_overrides
 
 # 12 epochs of 5 steps, a checkpoint after each; jitter on (its draws are a function of the step).
 RESUME_TINY = ["mode=end2end", "search.validate=false", "train.min_steps=60",
@@ -28,16 +23,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_cli(*tiny_overrides(full, *RESUME_TINY, f"hydra.run.dir={full}/run"))
 
-    args = tiny_overrides(cut, *RESUME_TINY, f"hydra.run.dir={cut}/run")
-    env = dict(os.environ, HYDRA_FULL_ERROR="1")
-    proc = subprocess.Popen([sys.executable, "-m", "alfusion", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = cut / "run/checkpoints/final/last.ckpt"
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    ckpt = kill_at_first_checkpoint(
+        cut / "run", *tiny_overrides(cut, *RESUME_TINY, f"hydra.run.dir={cut}/run"))
     state = json.loads((cut / "run/resume.json").read_text())
     assert not state["finished"] and not (cut / "run/results.json").exists()
     step = torch.load(ckpt, weights_only=False)["global_step"]

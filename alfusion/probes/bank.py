@@ -16,7 +16,7 @@ cosine schedule from lr to 1e-6 computed with torch's CosineAnnealingLR recursio
 Jitter draws (``train.jitter_draws``): ``shared`` (default) draws one jitter per step from the
 run seed's stream and gives it to every probe, which is what each configuration trained alone
 with the same seed sees (the reference's seeded one-by-one loop does the same); the LayerNorm
-of the tokens is then computed once for the whole bank and the scores are one matmul.
+of the tokens is then computed once for the whole bank and serves every probe.
 ``per_probe`` gives every probe independent draws from a stream seeded by (seed,
 configuration): the same distribution per probe, but a (G, B, T, D) input and G LayerNorms
 per step, so no arithmetic is shared (about G times one probe on a CPU; see
