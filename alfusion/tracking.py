@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -10,6 +13,31 @@ from mlflow.entities import Param
 from omegaconf import OmegaConf
 
 MAX_PARAM_LENGTH = 500
+SERVER_TIMEOUT_S = 5
+# Tracking servers found unreachable in this process: finish() does not call them again.
+_dead_servers: set[str] = set()
+
+
+class TrackingServerUnreachable(RuntimeError):
+    """The http(s) tracking server does not answer; the message says how to fix it."""
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """Refuse an http(s) tracking URI whose server does not answer a plain GET of
+    ``<uri>/health`` within ``timeout`` seconds (MLflow itself would retry for minutes).
+    Any HTTP answer, even an error status, counts as a live server; other URIs pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (OSError, ValueError) as err:  # refused, timed out, unknown host, bad URL
+        _dead_servers.add(uri)
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server at logger.tracking_uri={uri} does not answer ({err}). "
+            "Start it (e.g. `mlflow server --port 5000`), or log to the default SQLite store "
+            "(leave logger.tracking_uri unset), or run without tracking (logger=none)") from err
 
 
 def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:
@@ -21,6 +49,7 @@ def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:
     if log_cfg.get("name", "mlflow") != "mlflow" or not is_global_zero():
         return None
     uri = log_cfg.tracking_uri
+    check_server(uri)  # seconds, before any work, instead of MLflow's minutes of retries
     artifacts = log_cfg.get("artifact_location")
     if uri.startswith(("http://", "https://")) and artifacts and "://" not in artifacts:
         artifacts = None  # a server keeps artifacts in its own artifact root, not a local folder
@@ -104,6 +133,31 @@ def log_summary(logger: MLFlowLogger | None, run_dir: Path, summary: dict,
 
 
 def finish(logger: MLFlowLogger | None, ok: bool) -> None:
-    """Mark the run FINISHED or FAILED (a fit may already have marked it finished)."""
-    if logger is not None:
+    """Mark the run FINISHED or FAILED (a fit may already have marked it finished).
+
+    On the way out (often after an error) a server that is gone is not retried: one try with
+    a short timeout, and a failure to mark the run is printed, not raised over the real error.
+    """
+    if logger is None:
+        return
+    uri = logger._tracking_uri or ""
+    if uri in _dead_servers:
+        return
+    if not uri.startswith(("http://", "https://")):
         logger.experiment.set_terminated(logger.run_id, "FINISHED" if ok else "FAILED")
+        return
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                            "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                      MLFLOW_HTTP_REQUEST_TIMEOUT=str(SERVER_TIMEOUT_S))
+    try:
+        logger.experiment.set_terminated(logger.run_id, "FINISHED" if ok else "FAILED")
+    except Exception as err:  # the server went away during the run
+        print(f"[alfusion] could not mark MLflow run {logger.run_id} at {uri} "
+              f"{'FINISHED' if ok else 'FAILED'}: {err}")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -60,17 +60,32 @@ def dataset_identity(cfg) -> dict:
 
 
 def split_signature(cfg, split: str) -> str | None:
-    """A cheap digest of a local split's files (names and sizes), so that replacing the data in
-    the same folder makes a new cache entry. None for bundled or streamed data."""
+    """A digest of a local split's files, so that changed data in the same folder makes a new
+    cache entry. None for bundled or streamed data.
+
+    ``dataset.fingerprint``: ``stat`` (default) digests each file's relative path, size and
+    modification time in nanoseconds, so an image rewritten with other content of the same
+    size counts as changed; ``content`` digests the files' bytes instead (slower: every file
+    is read; for copies that keep times, or file systems with coarse times).
+    """
     root = cfg.get("root")
     if cfg.source not in ("wds", "folder") or not root or is_remote(str(root)):
         return None
+    mode = cfg.get("fingerprint") or "stat"
+    if mode not in ("stat", "content"):
+        raise ValueError(f"dataset.fingerprint={mode!r}: use stat or content")
     root = Path(root).expanduser().resolve()
     if cfg.source == "wds":
         files = [Path(s) for s in read_split(str(root), split).shards] + [root / "classnames.txt"]
     else:
         files = sorted(p for p in (root / split).rglob("*") if p.is_file())
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"{mode}\n".encode())
     for path in files:
-        digest.update(f"{path.relative_to(root)}:{os.path.getsize(path)}\n".encode())
+        if mode == "content":
+            with open(path, "rb") as f:
+                stamp = hashlib.file_digest(f, "sha256").hexdigest()
+        else:
+            stat = os.stat(path)
+            stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest.update(f"{path.relative_to(root)}:{stamp}\n".encode())
     return digest.hexdigest()[:16]

@@ -11,11 +11,17 @@ readable form, the row count and the array shapes) and one ``.npy`` file per arr
 The hash covers every fingerprint input, so features are never reused across settings. Entries
 are built in ``.<hash>.partial/`` chunk by chunk and renamed into place only when complete: a
 partial folder never looks like an entry, and an interrupted build resumes from its chunks.
+
+meta.json records a sha256 of every ``.npy`` file (``checksums``); opening an entry verifies
+them, so a damaged array is refused instead of used. Arrays are written with plain file writes
+(never through a memory map: on a full disk a mapped write kills the process with SIGBUS)
+after a check that the disk has room for them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 
 ARRAYS = ("cls", "ap", "tokens", "labels")
+HASH = "sha256"  # hashlib name; about 1.7 GB/s on one x86_64 core with SHA extensions
 
 
 class CacheMismatch(RuntimeError):
@@ -122,7 +129,72 @@ class FeatureCache:
             if list(array.shape) != shape or array.shape[0] != meta["rows"]:
                 raise CacheMismatch(f"cache entry {final}: {name_}.npy has shape "
                                     f"{list(array.shape)}, meta.json says {shape}; {fix}")
+        verify_checksums(entry)
         return entry
+
+
+def file_checksum(path: Path) -> str:
+    """``"sha256:<hex>"`` of a file's bytes."""
+    with open(path, "rb") as f:
+        return f"{HASH}:{hashlib.file_digest(f, HASH).hexdigest()}"
+
+
+def verify_checksums(entry: CacheEntry) -> None:
+    """Refuse (CacheMismatch) an entry whose ``.npy`` bytes differ from the checksums recorded
+    when it was written. An entry written before checksums existed is used with a warning."""
+    fix = f"delete the folder {entry.path} to re-extract it"
+    recorded = entry.meta.get("checksums")
+    if recorded is None:
+        warnings.warn(f"cache entry {entry.path} was written without checksums (an older "
+                      f"alfusion), so its arrays cannot be verified; {fix} with checksums",
+                      stacklevel=3)
+        return
+    for name in entry.meta["arrays"]:
+        path = entry.path / f"{name}.npy"
+        if recorded.get(name) is None:
+            raise CacheMismatch(f"cache entry {entry.path}: meta.json has no checksum for "
+                                f"{path.name}; {fix}")
+        if file_checksum(path) != recorded[name]:
+            raise CacheMismatch(f"cache entry {entry.path}: {path.name} is damaged (its "
+                                f"{HASH} differs from the one recorded when it was written); "
+                                f"{fix}")
+
+
+def no_space_error(folder: Path, needed: int, free: int | None, what: str) -> OSError:
+    """OSError(ENOSPC) that names the folder, the bytes needed and the fix."""
+    have = f", {free:,} free" if free is not None else ""
+    return OSError(errno.ENOSPC, f"no space left in {folder} for {what}: it needs "
+                   f"{needed:,} bytes{have}. Free disk space there (or point paths.cache at a "
+                   "larger disk) and run again: extraction resumes from the chunks already "
+                   "written")
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The .npy format header of a C-order array of ``dtype`` and ``shape``."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, dict(
+        descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
+        shape=tuple(shape)))
+    return buffer.getvalue()
+
+
+def write_npy(path: Path, parts: list[np.ndarray], shape: tuple[int, ...]) -> str:
+    """Write the row-wise concatenation of ``parts`` to ``path`` as one .npy file with plain
+    file writes; returns the file's checksum (``"sha256:<hex>"``)."""
+    digest = hashlib.new(HASH)
+    with open(path, "wb") as f:
+        header = npy_header(parts[0].dtype, shape)
+        f.write(header)
+        digest.update(header)
+        for part in parts:
+            data = memoryview(np.ascontiguousarray(part)).cast("B")
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return f"{HASH}:{digest.hexdigest()}"
 
 
 class EntryWriter:
@@ -209,10 +281,17 @@ class EntryWriter:
     def write_chunk(self, arrays: dict[str, np.ndarray]) -> None:
         index = len(self.chunks())
         tmp = self.partial / f"tmp-chunk-{index:06d}.npz"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno == errno.ENOSPC:
+                raise no_space_error(self.partial, sum(a.nbytes for a in arrays.values()),
+                                     None, f"chunk {index} of {self.final.name}") from err
+            raise
         os.replace(tmp, self.partial / f"chunk-{index:06d}.npz")
 
     def finish(self, extra_meta: dict | None = None) -> CacheEntry:
@@ -222,23 +301,29 @@ class EntryWriter:
             raise ValueError(f"no rows were extracted for {self.final.name}: the split is empty")
         names = [n for n in ARRAYS if n in chunks[0].files]
         rows = sum(c["labels"].shape[0] for c in chunks)
-        shapes = {}
+        shapes, checksums = {}, {}
         for name in names:
             first = chunks[0][name]
-            shape = (rows, *first.shape[1:])
-            out = np.lib.format.open_memmap(self.partial / f"{name}.npy", mode="w+",
-                                            dtype=first.dtype, shape=shape)
-            start = 0
-            for c in chunks:
-                part = c[name]
-                out[start:start + len(part)] = part
-                start += len(part)
-            out.flush()
-            del out
-            shapes[name] = list(shape)
+            shapes[name] = [rows, *first.shape[1:]]
+        sizes = {n: len(npy_header(chunks[0][n].dtype, tuple(shapes[n])))
+                 + int(np.prod(shapes[n])) * chunks[0][n].dtype.itemsize for n in names}
+        free = shutil.disk_usage(self.partial).free
+        if free < sum(sizes.values()):
+            raise no_space_error(self.partial, sum(sizes.values()), free,
+                                 f"assembling cache entry {self.final.name}")
+        for name in names:
+            path = self.partial / f"{name}.npy"
+            try:
+                checksums[name] = write_npy(path, [c[name] for c in chunks], tuple(shapes[name]))
+            except OSError as err:
+                path.unlink(missing_ok=True)  # the chunks stay: a rerun assembles again
+                if err.errno == errno.ENOSPC:
+                    raise no_space_error(self.partial, sum(sizes.values()), None,
+                                         f"assembling cache entry {self.final.name}") from err
+                raise
         meta = dict(fingerprint=json.loads(json.dumps(self.fingerprint, sort_keys=True,
                                                       default=str)),
-                    rows=rows, arrays=shapes, **(extra_meta or {}))
+                    rows=rows, arrays=shapes, checksums=checksums, **(extra_meta or {}))
         (self.partial / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         if self.final.exists():
             shutil.rmtree(self.final)

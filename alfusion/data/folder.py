@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from alfusion.data.images import to_rgb
 from alfusion.data.wds import DatasetUnavailable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -70,7 +71,7 @@ class ImageFolderSource(Dataset):
         path = self.paths[i]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = to_rgb(image)
         except Exception as err:  # PIL raises many types for damaged files
             raise DatasetUnavailable(f"image {path} cannot be decoded ({err})") from err
         return (self.transform(image) if self.transform else image), self.labels[i]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from alfusion.data.images import to_rgb
+
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # the clip_benchmark image keys, in priority order
 HTTP_TIMEOUT_S = 30
 
@@ -85,7 +87,7 @@ def decode_image(data: bytes, location: str, key: str) -> Image.Image:
     """PIL-decode image bytes to RGB; a corrupt image names its shard and key."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except Exception as err:  # PIL raises many types for damaged data
         raise BadShard(f"shard {location}: the image of sample {key!r} cannot be decoded "
                        f"({err}): the shard is damaged, download it again") from err
