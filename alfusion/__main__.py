@@ -13,12 +13,13 @@ def main(cfg: DictConfig):
     from pathlib import Path
 
     from alfusion.config_check import check_config
+
+    check_config(cfg)  # every bad setting fails here, in seconds, before any work
     from alfusion.experiment import TASKS
     from alfusion.sweep import run_job
 
     # Lightning has its own console handler; Hydra's root handler would print it all twice.
     logging.getLogger("lightning.pytorch").propagate = False
-    check_config(cfg)  # every bad setting fails here, before any work
     if cfg.task not in TASKS:
         raise ValueError(f"unknown task {cfg.task!r}: use one of {sorted(TASKS)}")
     # run_job: in a multirun a failed job is recorded and the sweep goes on (alfusion/sweep.py)

@@ -1,0 +1,72 @@
+"""config_check: every bad setting fails through the real CLI in seconds, before extraction,
+naming the key; plain intents (a single learning rate) are normalised."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import compose_config, run_cli, tiny_overrides
+
+from alfusion.config_check import ConfigError, check_config, check_labels
+from alfusion.search import expand_grid
+
+BAD_SETTINGS = [  # (overrides, the key the message must name)
+    (["search.lr=abc"], "search.lr"),
+    (["search.lr=[0.1,-0.01]"], "search.lr"),
+    (["search.lr=nan"], "search.lr"),
+    (["search.wd=-0.1"], "search.wd"),
+    (["search.dropout=1.0"], "search.dropout"),
+    (["search.val_fraction=1.0"], "search.val_fraction"),
+    (["search.val_fraction=0"], "search.val_fraction"),
+    (["fewshot_k=0"], "fewshot_k"),
+    (["fewshot_k=-1"], "fewshot_k"),
+    (["train.epochs=0", "train.min_steps=0"], "train.epochs"),
+    (["train.epochs=-1"], "train.epochs"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["extract.batch_size=0"], "extract.batch_size"),
+    (["end2end.batch_size=0"], "end2end.batch_size"),
+    (["train.jitter_p=1.5"], "train.jitter_p"),
+    (["train.jitter_sigma=-1"], "train.jitter_sigma"),
+    (["task=fit"], "task"),
+    (["seed=abc"], "seed"),
+    (["dataset.num_classes=1"], "dataset.num_classes"),
+    (["dataset.name=x/../../../ESCAPED"], "dataset.name"),
+    (["backbone.key=.."], "backbone.key"),
+    (["probe.name=a/b"], "probe.name"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD_SETTINGS, ids=[" ".join(o) for o, _ in BAD_SETTINGS])
+def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path, overrides, key):
+    root = tmp_path / "root"
+    start = time.monotonic()
+    proc = run_cli(*tiny_overrides(root, *overrides), check=False, timeout=60)
+    seconds = time.monotonic() - start
+    assert proc.returncode != 0
+    assert key in proc.stderr, proc.stderr[-2000:]
+    assert "not allowed" in proc.stderr
+    assert seconds < 30, seconds  # the CLI's start-up only; no backbone, no extraction
+    assert not (root / "cache").exists()
+    assert not list(tmp_path.rglob("ESCAPED*"))  # nothing was written outside paths.root
+
+
+def test_a_single_number_is_a_one_value_grid():
+    cfg = check_config(compose_config("search.lr=0.01", "search.wd=0", "search.dropout=0.1"))
+    assert list(cfg.search.lr) == [0.01] and list(cfg.search.wd) == [0]
+    configs = expand_grid(cfg.search, attentive=True)
+    assert [(c.lr, c.wd, c.dropout) for c in configs] == [(0.01, 0.0, 0.1)]
+
+
+def test_the_default_and_paper_configs_pass():
+    check_config(compose_config())
+    check_config(compose_config("search=paper", "fewshot_k=4", "train.epochs=0"))
+
+
+def test_a_train_split_with_one_class_is_refused():
+    with pytest.raises(ConfigError, match="at least two"):
+        check_labels(np.zeros(10, dtype=np.int64), 10, "train")
+    with pytest.raises(ConfigError, match="outside 0..9"):
+        check_labels(np.array([0, 1, 10]), 10, "train")
+    check_labels(np.array([0, 1, 1]), 10, "train")
