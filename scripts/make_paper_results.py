@@ -1,8 +1,9 @@
 """Build alfusion/analysis/paper_results.csv from the paper's per-model results tables.
 
-    python scripts/make_paper_results.py [SOURCE_DIR]   (default ../shared/reference/paper_results)
+    python scripts/make_paper_results.py SOURCE_DIR
 
-Input: one ``perf_table_<model>_v2.csv`` per model (rows: datasets; columns: experiments; values:
+SOURCE_DIR (required): the folder holding the paper's results tables, one
+``perf_table_<model>_v2.csv`` per model (rows: datasets; columns: experiments; values:
 test balanced accuracy x 100; summary rows such as "mean perf. gain" are skipped). Output: a tidy
 table, one row per (backbone, dataset, probe) with a number, under a header comment naming the
 source. Run once; the output is committed with the package.
@@ -62,5 +63,8 @@ def main(source: Path) -> None:
 
 
 if __name__ == "__main__":
-    default = ROOT.parent / "shared" / "reference" / "paper_results"
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else default)
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python scripts/make_paper_results.py SOURCE_DIR (the folder of "
+                         "the paper's perf_table_<model>_v2.csv files); the committed result is "
+                         f"{OUT.relative_to(ROOT)}")
+    main(Path(sys.argv[1]))

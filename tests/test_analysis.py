@@ -1,4 +1,4 @@
-"""Layer attention, per-layer probes and CKA (PROTOCOL.md 5) on a synthetic cache whose label
+"""Layer attention, per-layer probes and CKA (docs/protocol.md, analysis) on a synthetic cache whose label
 lives in one layer only, plus CKA's closed-form properties."""
 
 from __future__ import annotations

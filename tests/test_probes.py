@@ -51,7 +51,7 @@ def test_alf_parameter_count_is_the_papers(dim, num_layers, heads, num_classes):
 
 
 def test_alf_vit_b_100_classes_has_4_80_million_parameters():
-    """PROTOCOL.md's own number: ViT-B (D 768, 12 layers), C = 100 -> 4,803,172."""
+    """docs/protocol.md's own number: ViT-B (D 768, 12 layers), C = 100 -> 4,803,172."""
     cfg = probe_config("alf")
     probe = build_probe(cfg, build_token_set(cfg, 12), [768] * 12, 100, 24)
     # 4 * 768 * 1536 + 10 * 768 + 100 * 769, written out by hand

@@ -1,4 +1,4 @@
-"""The search of PROTOCOL.md 3 on synthetic per-layer features (no backbone): which probe can
+"""The search of docs/protocol.md (search) on synthetic per-layer features (no backbone): which probe can
 find an intermediate layer's signal, selection on validation, refit on all of train,
 few-shot without validation samples, diverged configurations.
 

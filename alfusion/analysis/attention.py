@@ -1,4 +1,4 @@
-"""Layer importance from a trained attentive probe (PROTOCOL.md 5).
+"""Layer importance from a trained attentive probe (docs/protocol.md, analysis).
 
 Run the probe over a split, take its softmax attention (N, H, T), average over samples, then
 over heads: one weight per token (CLS@layer, AP@layer), summing to 1. Written as a heatmap (layers
