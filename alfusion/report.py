@@ -24,6 +24,7 @@ from alfusion.analysis.attention import plot_attention_rows
 from alfusion.analysis.report_files import cell_rows, markdown, plot_gains, write_csv
 from alfusion.analysis.runs import RunRecord, client_for, fetch_runs
 from alfusion.analysis.table import build_cells, choose_runs, summarize
+from alfusion.config_check import check_path_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,8 +74,10 @@ def attention_heatmaps(client, records: list[RunRecord], out: Path) -> list[Path
                 continue
             data = json.loads(Path(local).read_text())
             groups.setdefault((r.backbone, r.probe), {})[r.dataset] = data
+    # Names from the tracking store become file names: refuse any that would leave --out.
     return [plot_attention_rows(dict(sorted(rows.items())),
-                                out / f"attention_{backbone}_{probe}.png",
+                                out / f"attention_{check_path_name('backbone.key', backbone)}_"
+                                      f"{check_path_name('probe.name', probe)}.png",
                                 title=f"layer attention | {backbone} | {probe}")
             for (backbone, probe), rows in sorted(groups.items())]
 

@@ -26,7 +26,8 @@ from alfusion.data.shards import BadShard
 from alfusion.data.wds import HF_URL, DatasetUnavailable, dataset_base, read_text
 from alfusion.data.wds_writer import write_digits_wds, write_wds_split
 
-PAPER_DATASETS = {  # docs/protocol.md, models and datasets: config name -> (clip-benchmark/wds_<name>, classes)
+# docs/protocol.md, models and datasets: config name -> (clip-benchmark/wds_<name>, classes)
+PAPER_DATASETS = {
     "fer2013": ("fer2013", 7), "voc2007": ("voc2007", 20), "cars": ("cars", 196),
     "fgvc_aircraft": ("fgvc_aircraft", 100), "stl10": ("stl10", 10), "gtsrb": ("gtsrb", 43),
     "country211": ("country211", 211), "caltech101": ("vtab-caltech101", 102),

@@ -21,7 +21,8 @@ def linear_kernel(x: torch.Tensor) -> torch.Tensor:
 
 
 def rbf_kernel(x: torch.Tensor, sigma: float = 0.2) -> torch.Tensor:
-    """x: (n, D) -> (n, n) exp(-|xi - xj|^2 / (2 sigma^2)), sigma fixed (docs/protocol.md, analysis)."""
+    """x: (n, D) -> (n, n) exp(-|xi - xj|^2 / (2 sigma^2)), sigma fixed (docs/protocol.md,
+    analysis)."""
     sq = x.pow(2).sum(dim=1)
     dist = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp(min=0)
     return torch.exp(-dist / (2 * sigma**2))
