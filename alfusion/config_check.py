@@ -121,8 +121,9 @@ def check_config(cfg: DictConfig) -> DictConfig:
         check_int(cfg, key, 0, "an integer >= 0")
     epochs, min_steps = select(cfg, "train.epochs"), select(cfg, "train.min_steps")
     if epochs is not None and min_steps is not None and epochs < 1 and min_steps < 1:
-        refuse("train.epochs/train.min_steps", (epochs, min_steps),
-               "at least one optimiser step: train.epochs >= 1 or train.min_steps >= 1")
+        raise ConfigError(f"train.epochs={epochs} with train.min_steps={min_steps} is not "
+                          "allowed: a fit needs at least one optimiser step, so set "
+                          "train.epochs >= 1 or train.min_steps >= 1")
     for key in ("train.batch_size", "train.min_batches", "end2end.batch_size",
                 "end2end.eval_batch_size", "extract.batch_size", "extract.chunk_rows"):
         check_int(cfg, key, 1)

@@ -52,6 +52,20 @@ def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path,
     assert not list(tmp_path.rglob("ESCAPED*"))  # nothing was written outside paths.root
 
 
+def test_an_image_folder_with_one_class_fails_before_extraction(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "img" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / split / "cat" / "0.png")
+    root = tmp_path / "root"
+    proc = run_cli(*tiny_overrides(root, "dataset=folder", f"dataset.root={tmp_path / 'img'}"),
+                   check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "has 1 class: a classifier needs at least two" in proc.stderr, proc.stderr[-2000:]
+    assert not list((root / "cache").glob("features-*"))
+
+
 def test_a_single_number_is_a_one_value_grid():
     cfg = check_config(compose_config("search.lr=0.01", "search.wd=0", "search.dropout=0.1"))
     assert list(cfg.search.lr) == [0.01] and list(cfg.search.wd) == [0]

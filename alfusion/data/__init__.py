@@ -27,7 +27,7 @@ def build_dataset(cfg, split: str, transform=None) -> Dataset:
         return DigitsDataset(split, transform, test_fraction=cfg.test_fraction,
                              seed=cfg.split_seed, limit=cfg.get("limit"))
     if cfg.source == "wds":
-        return wds_source(cfg, split, transform)
+        return at_least_two_classes(wds_source(cfg, split, transform), cfg)
     if cfg.source == "folder":
         if not cfg.get("root"):
             raise DatasetUnavailable("dataset=folder needs dataset.root=PATH "
@@ -37,8 +37,18 @@ def build_dataset(cfg, split: str, transform=None) -> Dataset:
         if expected is not None and expected != source.num_classes:
             raise DatasetUnavailable(f"image folder {source.root} has {source.num_classes} "
                                      f"class folders but dataset.num_classes={expected}")
-        return source
+        return at_least_two_classes(source, cfg)
     raise ValueError(f"unknown dataset source {cfg.source!r}: use one of {SOURCES}")
+
+
+def at_least_two_classes(source: Dataset, cfg) -> Dataset:
+    """``source`` if its class list (class folders, classnames.txt) has two classes or more:
+    a one-class dataset is refused here, before the backbone is loaded."""
+    if source.num_classes < 2:
+        raise DatasetUnavailable(f"dataset {cfg.name} at {cfg.get('root') or cfg.get('hf_name')} "
+                                 f"has {source.num_classes} class: a classifier needs at least "
+                                 "two (class folders, or lines of classnames.txt)")
+    return source
 
 
 def with_transform(dataset: Dataset, transform) -> Dataset:
