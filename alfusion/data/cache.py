@@ -24,10 +24,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +173,6 @@ def no_space_error(folder: Path, needed: int, free: int | None, what: str) -> OS
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """The .npy format header of a C-order array of ``dtype`` and ``shape``."""
-    import io
-
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, dict(
         descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
@@ -180,12 +180,14 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-def write_npy(path: Path, parts: list[np.ndarray], shape: tuple[int, ...]) -> str:
-    """Write the row-wise concatenation of ``parts`` to ``path`` as one .npy file with plain
-    file writes; returns the file's checksum (``"sha256:<hex>"``)."""
+def write_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...],
+              parts: Iterable[np.ndarray]) -> str:
+    """Write the row-wise concatenation of ``parts`` (each (n_i, *shape[1:]) of ``dtype``,
+    read one at a time) to ``path`` as one .npy file of ``shape`` with plain file writes;
+    returns the file's checksum (``"sha256:<hex>"``)."""
     digest = hashlib.new(HASH)
     with open(path, "wb") as f:
-        header = npy_header(parts[0].dtype, shape)
+        header = npy_header(dtype, shape)
         f.write(header)
         digest.update(header)
         for part in parts:
@@ -195,6 +197,12 @@ def write_npy(path: Path, parts: list[np.ndarray], shape: tuple[int, ...]) -> st
         f.flush()
         os.fsync(f.fileno())
     return f"{HASH}:{digest.hexdigest()}"
+
+
+def read_chunk_array(path: Path, name: str) -> np.ndarray:
+    """One array of a chunk file, the file closed again."""
+    with np.load(path) as data:
+        return data[name]
 
 
 class EntryWriter:
@@ -295,32 +303,34 @@ class EntryWriter:
         os.replace(tmp, self.partial / f"chunk-{index:06d}.npz")
 
     def finish(self, extra_meta: dict | None = None) -> CacheEntry:
-        self.done_rows()  # refuses damaged or missing chunks
-        chunks = [np.load(c) for c in self.chunks()]
-        if not chunks:
+        """Assemble the chunks into one .npy per array (checksummed), write meta.json last and
+        rename the partial folder into place; returns the entry."""
+        rows = self.done_rows()  # refuses damaged or missing chunks
+        paths = self.chunks()
+        if not paths:
             raise ValueError(f"no rows were extracted for {self.final.name}: the split is empty")
-        names = [n for n in ARRAYS if n in chunks[0].files]
-        rows = sum(c["labels"].shape[0] for c in chunks)
-        shapes, checksums = {}, {}
-        for name in names:
-            first = chunks[0][name]
-            shapes[name] = [rows, *first.shape[1:]]
-        sizes = {n: len(npy_header(chunks[0][n].dtype, tuple(shapes[n])))
-                 + int(np.prod(shapes[n])) * chunks[0][n].dtype.itemsize for n in names}
+        with np.load(paths[0]) as first:  # dtypes and row shapes; every chunk has the same
+            kinds = {n: (first[n].dtype, first[n].shape[1:]) for n in ARRAYS if n in first.files}
+        shapes = {n: [rows, *row_shape] for n, (_, row_shape) in kinds.items()}
+        needed = sum(len(npy_header(dtype, tuple(shapes[n])))
+                     + int(np.prod(shapes[n])) * dtype.itemsize for n, (dtype, _) in kinds.items())
         free = shutil.disk_usage(self.partial).free
-        if free < sum(sizes.values()):
-            raise no_space_error(self.partial, sum(sizes.values()), free,
+        if free < needed:
+            raise no_space_error(self.partial, needed, free,
                                  f"assembling cache entry {self.final.name}")
-        for name in names:
-            path = self.partial / f"{name}.npy"
-            try:
-                checksums[name] = write_npy(path, [c[name] for c in chunks], tuple(shapes[name]))
-            except OSError as err:
-                path.unlink(missing_ok=True)  # the chunks stay: a rerun assembles again
-                if err.errno == errno.ENOSPC:
-                    raise no_space_error(self.partial, sum(sizes.values()), None,
-                                         f"assembling cache entry {self.final.name}") from err
-                raise
+        checksums = {}
+        try:
+            for name, (dtype, _) in kinds.items():  # one chunk in memory at a time
+                checksums[name] = write_npy(self.partial / f"{name}.npy", dtype,
+                                            tuple(shapes[name]),
+                                            (read_chunk_array(p, name) for p in paths))
+        except OSError as err:
+            for name in kinds:  # the chunks stay: a rerun assembles the arrays again
+                (self.partial / f"{name}.npy").unlink(missing_ok=True)
+            if err.errno == errno.ENOSPC:
+                raise no_space_error(self.partial, needed, None,
+                                     f"assembling cache entry {self.final.name}") from err
+            raise
         meta = dict(fingerprint=json.loads(json.dumps(self.fingerprint, sort_keys=True,
                                                       default=str)),
                     rows=rows, arrays=shapes, checksums=checksums, **(extra_meta or {}))
