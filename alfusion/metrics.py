@@ -32,3 +32,19 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
         out["acc5"] = float(multiclass_accuracy(logits, targets, num_classes, top_k=5,
                                                 average="micro"))
     return out
+
+
+def num_classes_of(cfg, train_labels: torch.Tensor, *more: torch.Tensor) -> int:
+    """The dataset's number of classes (its config, else the largest label + 1), checked
+    against every label; a train split needs two classes present."""
+    labels = (train_labels, *more)
+    n = cfg.dataset.get("num_classes") or int(max(int(y.max()) for y in labels) + 1)
+    bad = [int(y.max()) for y in labels if int(y.max()) >= n]
+    if bad:
+        raise ValueError(f"label {max(bad)} outside the {n} classes of dataset "
+                         f"{cfg.dataset.name}: check dataset.num_classes")
+    present = int(torch.unique(train_labels).numel())
+    if present < 2:
+        raise ValueError(f"the train split of dataset {cfg.dataset.name} has {present} class: "
+                         "a classifier needs at least 2 (check the dataset's labels)")
+    return n

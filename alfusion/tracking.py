@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -103,7 +104,30 @@ def log_summary(logger: MLFlowLogger | None, run_dir: Path, summary: dict,
     log_artifact(logger, write_json(run_dir / "results.json", summary))
 
 
-def finish(logger: MLFlowLogger | None, ok: bool) -> None:
-    """Mark the run FINISHED or FAILED (a fit may already have marked it finished)."""
+def log_curve(logger: MLFlowLogger | None, key: str, values: list[float]) -> None:
+    """A whole curve (value i at step i + 1), in batches of MLflow's 1000 metrics."""
+    if logger is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric(key, float(v), now, i + 1) for i, v in enumerate(values)]
+    for i in range(0, len(points), 1000):
+        logger.experiment.log_batch(logger.run_id, metrics=points[i:i + 1000])
+
+
+def set_tag(logger: MLFlowLogger | None, key: str, value: str) -> None:
     if logger is not None:
-        logger.experiment.set_terminated(logger.run_id, "FINISHED" if ok else "FAILED")
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def mark_killed(logger: MLFlowLogger | None, run_id: str) -> None:
+    """A run left RUNNING by a killed process, whose folder a new run now takes: KILLED."""
+    if logger is not None and logger.experiment.get_run(run_id).info.status == "RUNNING":
+        logger.experiment.set_terminated(run_id, "KILLED")
+
+
+def finish(logger: MLFlowLogger | None, status: str) -> None:
+    """Mark the run FINISHED, FAILED or KILLED."""
+    if logger is not None:
+        logger.experiment.set_terminated(logger.run_id, status)
