@@ -7,12 +7,14 @@ over 1,000 steps, clipping at 5, class-weighted cross-entropy, jitter p = 0.5, s
 - paper: a per-sample Dataset that adds jitter in ``__getitem__``, DataLoader batching
   (shuffle, no workers: these CPUs have 2 cores), ``forward_reference`` (every token through
   the k and v projections), fp32, torch.optim.AdamW + CosineAnnealingLR.
-- ours: ``BankTrainer`` with one probe, as ``fit_bank`` runs it: batches indexed from one
-  feature tensor, jitter on the whole batch, the reassociated attention, functional AdamW.
+- ours: the engine's ``BankStep`` with one probe (G = 1), as ``fit_bank`` runs it: batches
+  indexed from one feature tensor (``TensorSteps``), jitter on the whole batch, the
+  reassociated attention, functional AdamW.
 
 Short rounds alternate between the two (contention on a shared machine hits both alike);
 the per-step time of each is the median over rounds, in wall and in process-CPU time, and
-the median of the per-round ratios is printed beside the ratio of the medians.
+the median of the per-round ratios is printed beside the ratio of the medians. Only the
+optimiser steps are timed here; bench_refit_speed.py times whole fits as a user runs them.
 ``python -m benchmarks probe_speed``.
 """
 
@@ -25,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from alfusion.engine import BankStep, TensorSteps
 from alfusion.probes import AttentiveProbe
-from alfusion.probes.bank import BankTrainer, ProbeBank, fresh_probe
-from alfusion.training import MIN_LR, FeatureBatches, HParams, class_weights
+from alfusion.probes.bank import ProbeBank, fresh_probe
+from alfusion.protocol import MIN_LR, HParams, batch_plan, class_weights
 
 N, T, D, C, BATCH, TOTAL_STEPS = 2000, 24, 384, 10, 400, 1000
 HP = HParams(lr=1e-3, wd=1e-4)
@@ -76,12 +79,13 @@ class PaperLoop:
 class OurLoop:
     def __init__(self, make, x, y, weights):
         bank = ProbeBank.from_probes([fresh_probe(make, HP, 0)])
-        self.trainer = BankTrainer(bank, [HP], TOTAL_STEPS, weights, seed=0)
-        self.it = epochs(FeatureBatches(x, y, BATCH, seed=0))
+        self.core = BankStep(bank, [HP], TOTAL_STEPS, weights, seed=0)
+        plan = batch_plan(len(y), BATCH, 5, 1, TOTAL_STEPS)
+        self.it = iter(TensorSteps(x, y, plan, seed=0))
 
     def step(self) -> None:
         xb, yb = next(self.it)
-        self.trainer.step(xb, yb)
+        self.core.step(xb, yb)
 
 
 def per_step(loop, steps: int) -> tuple[float, float]:

@@ -161,9 +161,9 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
             raise KeyboardInterrupt from None
         raise
     core = module.core
-    if images or world == 1:
+    if len(core.configs) == len(configs):
         return FitResult(core.bank, configs, core.failures(), core.losses.cpu(), plan, world)
-    return gather(core, module.share, configs, plan, world)
+    return gather(core, module.share, configs, plan)
 
 
 class Interrupted(Callback):
@@ -175,13 +175,13 @@ class Interrupted(Callback):
         self.seen = self.seen or isinstance(exception, KeyboardInterrupt)
 
 
-def gather(core: BankStep, share: slice, configs: list[HParams], plan: BatchPlan, world: int
-           ) -> FitResult:
+def gather(core: BankStep, share: slice, configs: list[HParams], plan: BatchPlan) -> FitResult:
     """Every rank's share of a grid-split fit, all-gathered, so that every rank goes on
     with all the configurations (and selects alike)."""
     part = dict(params={k: v.cpu() for k, v in core.bank.params.items()},
                 buffers={k: v.cpu() for k, v in core.bank.buffers.items()},
                 bad=core.first_bad_step.cpu(), losses=core.losses.cpu(), start=share.start)
+    world = dist.get_world_size()
     parts: list = [None] * world
     dist.all_gather_object(parts, part)
     parts.sort(key=lambda p: p["start"])
