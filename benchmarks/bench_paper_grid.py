@@ -16,11 +16,13 @@ forward. LayerNorm, softmax, BatchNorm and the optimiser are not counted.
 
 A CPU cannot run this grid in useful time (about 63 x 1,000 x 0.7 s, half a day), so on a
 CPU ``main()`` trains ``cpu_steps`` steps (8: one epoch) and prints the time for those; the
-step count is printed with the figures. ``python -m benchmarks paper_grid``.
+step count is printed with the figures. ``python -m benchmarks paper_grid``
+(``BENCH_PAPER_GRID_N=1000`` for a small check that it runs).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +38,9 @@ from alfusion.resume import RunState
 from alfusion.search import expand_grid, run_search
 from alfusion.tokens import TokenSet
 
-N, N_TEST, LAYERS, D, C = 20_000, 2_000, 12, 768, 10
+# BENCH_PAPER_GRID_N=1000: fewer train samples (test: a tenth), to check that it runs.
+N = int(os.environ.get("BENCH_PAPER_GRID_N", 20_000))
+N_TEST, LAYERS, D, C = N // 10, 12, 768, 10
 T = 2 * LAYERS  # CLS + AP of every layer
 H, A = T, T * 2 * (D // T)
 FINGERPRINT = dict(benchmark="paper_grid", n=N + N_TEST)

@@ -5,8 +5,9 @@ samples with batch 400 (what the shrink rule gives for N = 2,000), AdamW, per-st
 over 1,000 steps, clipping at 5, class-weighted cross-entropy, jitter p = 0.5, sigma = 0.05.
 
 - paper: a per-sample Dataset that adds jitter in ``__getitem__``, DataLoader batching
-  (shuffle, no workers: these CPUs have 2 cores), ``forward_reference`` (every token through
-  the k and v projections), fp32, torch.optim.AdamW + CosineAnnealingLR.
+  (shuffle, no workers: these CPUs have 2 cores), ``paper_forward`` (the paper's
+  formulation: every token through the k and v projections), fp32, torch.optim.AdamW +
+  CosineAnnealingLR.
 - ours: the engine's ``BankStep`` with one probe (G = 1), as ``fit_bank`` runs it: batches
   indexed from one feature tensor (``TensorSteps``), jitter on the whole batch, the
   reassociated attention, functional AdamW.
@@ -52,6 +53,19 @@ class JitterDataset(Dataset):
         return x, self.y[i]
 
 
+def paper_forward(probe: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
+    """The paper's formulation of the ALF probe on tokens x (B, T, D) -> logits (B, C): q, k
+    and v projections of every token, softmax attention, output projection, BN, head."""
+    B, T, _ = x.shape
+    H, hd = probe.num_heads, probe.head_dim
+    q = probe.q(probe.norm_q(probe.query)).view(1, H, 1, hd)
+    k = probe.k(probe.norm_k(x)).view(B, T, H, hd).transpose(1, 2)
+    v = probe.v(probe.norm_v(x)).view(B, T, H, hd).transpose(1, 2)
+    attn = probe.attn_drop(((q @ k.transpose(-2, -1)) * probe.scale).softmax(dim=-1))
+    out = (attn @ v).transpose(1, 2).reshape(B, -1)
+    return probe.head(probe.bn(probe.proj(out)))
+
+
 def epochs(batches):
     """The batches of one epoch after another, for as long as steps are asked for."""
     while True:
@@ -68,7 +82,7 @@ class PaperLoop:
 
     def step(self) -> None:
         xb, yb = next(self.it)
-        loss = F.cross_entropy(self.probe.forward_reference(xb), yb, weight=self.weights)
+        loss = F.cross_entropy(paper_forward(self.probe, xb), yb, weight=self.weights)
         self.opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.probe.parameters(), 5.0)

@@ -177,6 +177,7 @@ def make_trainer(trainer_cfg, logger=False, callbacks=()) -> L.Trainer:
         and os.environ.get("ALFUSION_NO_PROGRESS") != "1",  # CI and logs: no bars
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        log_every_n_steps=1,  # the module logs its own curve; this is the progress bar's
         use_distributed_sampler=False,  # the loaders split data over ranks themselves
         deterministic=trainer_cfg.get("deterministic", False),
     )
