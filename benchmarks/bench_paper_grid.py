@@ -22,6 +22,7 @@ step count is printed with the figures. ``python -m benchmarks paper_grid``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -88,8 +89,10 @@ def main(cpu_steps: int = 8) -> dict:
         make = lambda hp: AttentiveProbe(D, C, num_heads=H, attn_drop=hp.dropout)
         (Path(tmp) / "run").mkdir()
         state = RunState(Path(tmp) / "run", dict(stages={}))
-        result = run_search(make, configs, TokenData(x[:N], y[:N]), TokenData(x[N:], y[N:]),
-                            C, cfg, state)
+        # In tmp: with no logger, Lightning writes its own (lightning_logs/) into the cwd.
+        with contextlib.chdir(tmp):
+            result = run_search(make, configs, TokenData(x[:N], y[:N]),
+                                TokenData(x[N:], y[N:]), C, cfg, state)
     steps, batch = result.steps, result.batch_size
     fit_n = N - int(round(N * cfg.search.val_fraction))
     flops = len(configs) * steps * batch * flops_per_sample_step()
