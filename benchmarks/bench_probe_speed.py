@@ -73,10 +73,10 @@ def epochs(batches):
 
 
 class PaperLoop:
-    def __init__(self, make, x, y, weights):
+    def __init__(self, make, x, y, weights, total_steps: int = TOTAL_STEPS):
         self.probe = fresh_probe(make, HP, 0).train()
         self.opt = torch.optim.AdamW(self.probe.parameters(), lr=HP.lr, weight_decay=HP.wd)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, TOTAL_STEPS, MIN_LR)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, total_steps, MIN_LR)
         self.loader = DataLoader(JitterDataset(x, y), batch_size=BATCH, shuffle=True)
         self.weights, self.it = weights, epochs(self.loader)
 

@@ -60,7 +60,7 @@ def kill_at_first_checkpoint(run_dir: Path, *args: str) -> Path:
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     proc = subprocess.Popen([sys.executable, "-m", "alfusion", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "checkpoints/final/last.ckpt"
+    ckpt = run_dir / "checkpoints/final/last.rank0.pt"
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
