@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from alfusion.engine import TokenData, fit_bank
 from alfusion.probes import AttentiveProbe
 from alfusion.protocol import class_weights
-from benchmarks.bench_probe_speed import BATCH, C, D, HP, N, T, PaperLoop
+from benchmarks.bench_probe_speed import BATCH, HP, C, D, N, PaperLoop, T
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 STEPS = int(os.environ.get("BENCH_REFIT_STEPS", 1000))
