@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -153,9 +154,10 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
             print(f"[alfusion] note: continuing {previous} with a changed config")
         return state, True
     orphan = None
-    if (run_dir / STATE_FILE).exists():  # a killed run's folder, started anew
+    if (run_dir / STATE_FILE).exists() and is_global_zero():  # a run's folder, started anew
         earlier = RunState.load(run_dir).data
         orphan = None if earlier.get("finished") else earlier.get("mlflow_run_id")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # never resume from them
     state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False))
     state.orphan_run_id = orphan
     state.save()

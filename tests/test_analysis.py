@@ -15,8 +15,8 @@ from PIL import Image
 from alfusion.analysis.attention import plot_attention_rows
 from alfusion.analysis.cka import cka, cka_matrix, hsic_unbiased, linear_kernel, rbf_kernel
 from alfusion.data.cache import EntryWriter, FeatureCache
-from alfusion.engine import TokenData, fit_bank
 from alfusion.data.extract import feature_fingerprint
+from alfusion.engine import TokenData, fit_bank
 from alfusion.experiment import run_train
 from alfusion.probes import LinearProbe
 from alfusion.protocol import HParams

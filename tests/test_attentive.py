@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from oracle import attention_reference, forward_reference
 
 from alfusion.probes import AttentiveProbe

@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import compose_config
-from oracle import attention_reference
 from omegaconf import OmegaConf
+from oracle import attention_reference
 from torch import nn
 
 from alfusion.engine import BankStep, TensorSteps, TokenData, fit_bank

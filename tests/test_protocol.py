@@ -14,11 +14,9 @@ import mlflow
 import pytest
 import torch
 from conftest import compose_config, run_cli, tiny_overrides
-from sklearn.metrics import balanced_accuracy_score
 
 from alfusion.engine import TensorSteps, TokenData, fit_bank
 from alfusion.experiment import run_train
-from alfusion.metrics import classification_metrics
 from alfusion.probes import LinearProbe
 from alfusion.protocol import (
     BETAS,
