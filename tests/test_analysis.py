@@ -1,5 +1,5 @@
-"""Layer attention, per-layer probes and CKA (docs/protocol.md, analysis) on a synthetic cache whose label
-lives in one layer only, plus CKA's closed-form properties."""
+"""Layer attention, per-layer probes and CKA (docs/protocol.md, analysis) on a synthetic
+cache whose label lives in one layer only, plus CKA's closed-form properties."""
 
 from __future__ import annotations
 

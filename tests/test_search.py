@@ -1,5 +1,5 @@
-"""The search (docs/protocol.md, search) on synthetic per-layer features (no backbone): which probe can
-find an intermediate layer's signal, selection on validation, refit on all of train,
+"""The search (docs/protocol.md, search) on synthetic per-layer features (no backbone): which
+probe can find an intermediate layer's signal, selection on validation, refit on all of train,
 few-shot without validation samples, diverged configurations.
 
 Everything goes through ``run_search`` and the engine with the real composed configs; fits are
