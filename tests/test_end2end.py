@@ -53,6 +53,12 @@ def test_end2end_alf_and_finetune_through_the_cli(tmp_path):
     backbone = build_backbone(compose_config("backbone=tiny_vit").backbone)[0]
     backbone.load_state_dict(saved["backbone_state_dict"])
     assert state_checksum(backbone) == ft["backbone_checksum"]["end"]
+    # task=evaluate scores the fine-tuned probe with its fine-tuned backbone, end to end
+    run_cli("task=evaluate", f"probe_path={ft_dir / 'probe.pt'}", f"paths.root={tmp_path}",
+            f"hydra.run.dir={tmp_path}/evaluate")
+    evaluation = json.loads((tmp_path / "evaluate/evaluation.json").read_text())
+    assert evaluation["mode"] == "finetune"
+    assert evaluation["test"] == pytest.approx(ft["test"], abs=1e-9)
 
 
 def test_cached_and_end2end_searches_select_alike(tmp_path, one_thread):

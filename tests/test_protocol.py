@@ -1,6 +1,7 @@
 """docs/protocol.md (training, metrics) on concrete numbers: class weights, batch
-shrinking, the 1000-step minimum, jitter, optimiser and schedule, metrics; a diverging run fails its MLflow run; the same CLI
-command twice gives the same results, and a saved probe evaluates again without training.
+shrinking, the 1000-step minimum, jitter, optimiser and schedule, metrics; a diverging run
+fails its MLflow run; the same CLI command twice gives the same results, and a saved probe
+evaluates again without training.
 
 Expected numbers are worked out by hand from the rules in docs/protocol.md, not from the code.
 """
