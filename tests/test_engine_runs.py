@@ -12,7 +12,7 @@ import mlflow
 import torch
 from conftest import kill_at_first_checkpoint, run_cli, signal_at_first_checkpoint, tiny_overrides
 
-# A 2 x 2 grid (search=quick) of 40 steps, a checkpoint every 5 steps, cached features.
+# A grid of 3 configurations (search=quick), 40 steps, a checkpoint every 5 steps, cached features.
 GRID = ["search=quick", "train.min_steps=40", "train.checkpoint_every=5"]
 
 

@@ -187,7 +187,7 @@ def test_the_same_command_twice_gives_the_same_results(two_runs):
 def test_a_run_logs_choice_metrics_timings_and_results(two_runs):
     root, run_dir = two_runs[0]
     results = json.loads((run_dir / "results.json").read_text())
-    assert len(results["grid"]) == 4  # quick: 2 lr x 2 wd, one dropout
+    assert len(results["grid"]) == 3  # quick: 3 lr x 1 wd, one dropout
     assert results["fit"]["samples"] == 60 and results["num_classes"] == 10
     recall = json.loads((run_dir / "per_class_recall.json").read_text())
     assert len(recall["test"]) == len(recall["val"]) == 10
