@@ -12,6 +12,8 @@ from alfusion import tracking
 from alfusion.analysis import hooks as analysis
 from alfusion.data.extract import load_or_extract
 from alfusion.distributed import is_global_zero
+from alfusion.end2end.encoder import state_checksum
+from alfusion.end2end.run import build_encoder, image_inputs
 from alfusion.engine import TokenData
 from alfusion.metrics import classification_metrics, num_classes_of
 from alfusion.probes import build_probe, build_token_set
@@ -61,8 +63,6 @@ def train_inputs(cfg, device: torch.device) -> dict:
         return dict(train=TokenData(x, y), test=TokenData(x_test, y_test), token_set=token_set,
                     dims=entry.dims, num_tokens=num_tokens, encoder=None,
                     seconds=time.perf_counter() - t0)
-    from alfusion.end2end.run import build_encoder, image_inputs
-
     encoder, eval_tf = build_encoder(cfg)
     inputs = image_inputs(cfg, encoder, eval_tf, device)
     return dict(train=inputs.train, test=inputs.test, token_set=inputs.token_set,
@@ -147,8 +147,6 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
         mlflow_run_id=logger.run_id if logger else None)
     encoder = inputs["encoder"]
     if encoder is not None:
-        from alfusion.end2end.encoder import state_checksum
-
         summary["backbone_checksum"] = dict(start=encoder.pretrained_checksum,
                                             end=state_checksum(encoder.backbone))
         for when, value in summary["backbone_checksum"].items():
@@ -221,8 +219,6 @@ def run_evaluate(cfg, run_dir: Path) -> dict:
         x, y, token_set, _ = split_tokens(saved_cfg, "test", device)
         test = TokenData(x, y)
     else:
-        from alfusion.end2end.run import build_encoder, image_inputs
-
         encoder, eval_tf = build_encoder(saved_cfg, saved.get("backbone_state_dict"))
         test = image_inputs(saved_cfg, encoder, eval_tf, device, splits=("test",)).test
         token_set = encoder.token_set

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import tokenize
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -215,3 +217,22 @@ def test_evaluate_reproduces_the_test_metrics_of_a_saved_probe_without_training(
     (evaluation,) = root.glob("runs/*/evaluation.json")
     results = json.loads((run_dir / "results.json").read_text())
     assert json.loads(evaluation.read_text())["test"] == pytest.approx(results["test"])
+
+
+def test_the_recipe_is_defined_once():
+    """No code outside protocol.py builds an optimiser, a schedule, a clipping rule or a
+    batch plan: every fit takes them from there (docstrings may name them)."""
+    package = Path(__file__).resolve().parents[1] / "alfusion"
+    needles = ("torch.optim.", "lr_scheduler", "clip_grad_norm_", "gradient_clip_val",
+               "def batch_size_for", "def batch_plan", "def cosine_lrs", "def adamw_step")
+    found = {}
+    for path in package.rglob("*.py"):
+        with path.open("rb") as f:  # the code without its comments and strings
+            code = " ".join(t.string for t in tokenize.tokenize(f.readline)
+                            if t.type not in (tokenize.COMMENT, tokenize.STRING))
+        code = code.replace(" . ", ".").replace(" .", ".").replace(". ", ".")
+        for needle in needles:
+            if needle in code:
+                found.setdefault(needle, []).append(path.relative_to(package).as_posix())
+    assert found == {"def batch_size_for": ["protocol.py"], "def batch_plan": ["protocol.py"],
+                     "def cosine_lrs": ["protocol.py"], "def adamw_step": ["protocol.py"]}

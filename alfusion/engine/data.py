@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from alfusion.end2end.images import eval_loader, train_loader
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan, epoch_permutation
 
@@ -110,8 +111,6 @@ class ImageData:
               pin_memory: bool = False, audit: Path | None = None):
         """This rank's loader of plan.batch // world images per step; ``audit``: a file for
         the samples this rank trains on in the first epoch (a record for checks)."""
-        from alfusion.end2end.images import train_loader
-
         loader, part = train_loader(self.train, plan.batch, rank, world, seed,
                                     self.settings.num_workers, total_steps=plan.steps,
                                     start_step=start, pin_memory=pin_memory,
@@ -125,8 +124,6 @@ class ImageData:
     @torch.no_grad()
     def logits(self, bank: ProbeBank) -> tuple[torch.Tensor, torch.Tensor]:
         """(eval logits (G, N, C) on the host, labels (N,)): one encoder pass per batch."""
-        from alfusion.end2end.images import eval_loader
-
         was_training = self.encoder.training
         self.encoder.eval()
         loader = eval_loader(self.plain, self.settings.eval_batch_size,
