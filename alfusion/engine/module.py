@@ -98,11 +98,13 @@ class BankModule(L.LightningModule):
         if self.encoder is not None:
             x = self.encoder(x)
         losses = self.core.step(x, y)
+        s = self.core.step_count
+        if s % self.log_every and not self.core.finished:
+            return  # reading the losses waits for the device: every log_every steps only
         finite = losses[torch.isfinite(losses)]
         mean = float(finite.mean()) if finite.numel() else float("nan")
         self.log("loss", mean, prog_bar=True, logger=False)
-        s = self.core.step_count
-        if self.logger is not None and (s % self.log_every == 0 or self.core.finished):
+        if self.logger is not None:
             metrics = {f"{self.label}/loss": mean}
             if len(losses) > 1:
                 metrics[f"{self.label}/loss_min"] = float(finite.min()) if finite.numel() \
