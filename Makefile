@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# both probes selected on validation over the same small lr grid (a fair comparison)
 run: install
-	$(BIN)/python -m alfusion probe=alf
-	$(BIN)/python -m alfusion probe=linear
+	$(BIN)/python -m alfusion probe=alf search=quick
+	$(BIN)/python -m alfusion probe=linear search=quick
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

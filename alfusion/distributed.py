@@ -15,8 +15,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import IterableDataset, Sampler, get_worker_info
+
+from alfusion.protocol import epoch_permutation
 
 RANK_VARS = ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK")
 
@@ -30,12 +31,6 @@ def is_global_zero() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in RANK_VARS)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of epoch ``epoch``; the same formula as cached mode's FeatureBatches."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 class RankSampler(Sampler[int]):
@@ -75,13 +70,16 @@ class StepBatches:
 
     Indexing batches by step rather than by Lightning's epoch counter lets a resumed fit start
     exactly at the checkpoint's step (Lightning replays epoch boundaries differently on a
-    restart). It has no length on purpose: Lightning then stops at max_steps, not at an epoch.
+    restart). Its length is the number of steps it yields.
     """
 
     def __init__(self, sampler: RankSampler, batch_size: int, total: int, start: int = 0) -> None:
         self.sampler, self.batch_size = sampler, batch_size
         self.total, self.start = total, start
         self.per_epoch = math.ceil(len(sampler) / batch_size)
+
+    def __len__(self) -> int:
+        return self.total - self.start
 
     def indices(self) -> list[int]:
         """The first epoch's indices of this rank (for audits)."""
@@ -161,58 +159,3 @@ class RankSlice(IterableDataset):
                 yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
         while buffer:
             yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the global batch over all ranks.
-
-    torch's SyncBatchNorm runs on GPUs only; this one also runs on CPU (gloo). Sums are
-    all-reduced with the differentiable collective, so gradients match one process holding the
-    whole batch. x: (B, D) -> (B, D). Outside training or without a process group it is
-    BatchNorm1d.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
-            return super().forward(x)
-        import warnings
-
-        from torch.distributed.nn.functional import all_reduce
-
-        count = torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype)
-        stats = torch.cat([x.sum(0), (x * x).sum(0), count])
-        with warnings.catch_warnings():  # its suggested successor has no autograd for all_reduce
-            warnings.simplefilter("ignore", FutureWarning)
-            stats = all_reduce(stats)
-        d = x.shape[1]
-        n = stats[-1]
-        mean = stats[:d] / n
-        var = stats[d:2 * d] / n - mean * mean  # biased, as BatchNorm normalises with
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 1 / (1 + self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(m * mean.detach())
-            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-            self.num_batches_tracked.add_(1)
-        y = (x - mean) / torch.sqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
-
-
-def use_global_batchnorm(module: nn.Module) -> nn.Module:
-    """Swap every BatchNorm1d in ``module`` for GlobalBatchNorm1d, keeping its state."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, device=child.weight.device
-                                    if child.affine else None)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            use_global_batchnorm(child)
-    return module
-
-
-def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    """Batches per epoch of each rank for n samples and a global batch of ``batch_size``."""
-    return math.ceil((n // world) / (batch_size // world))

@@ -11,10 +11,19 @@ from omegaconf import OmegaConf, open_dict
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
 from alfusion.data.extract import load_or_extract
-from alfusion.metrics import classification_metrics
+from alfusion.distributed import is_global_zero
+from alfusion.end2end.encoder import state_checksum
+from alfusion.end2end.run import build_encoder, image_inputs
+from alfusion.engine import TokenData
+from alfusion.metrics import classification_metrics, num_classes_of
 from alfusion.probes import build_probe, build_token_set
+from alfusion.probes.bank import ProbeBank
+from alfusion.protocol import HParams
+from alfusion.resume import load_tensors, open_run_state
 from alfusion.search import expand_grid, run_search
-from alfusion.training import predict
+
+MODES = ("cached", "end2end", "finetune")
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,106 +45,194 @@ def split_tokens(cfg, split: str, device: torch.device):
     return x, entry.tensor("labels", device).long(), token_set, entry
 
 
-def num_classes_of(cfg, *labels: torch.Tensor) -> int:
-    n = cfg.dataset.get("num_classes") or int(max(int(y.max()) for y in labels) + 1)
-    bad = [int(y.max()) for y in labels if int(y.max()) >= n]
-    if bad:
-        raise ValueError(f"label {max(bad)} outside the {n} classes of dataset "
-                         f"{cfg.dataset.name}: check dataset.num_classes")
-    return n
-
-
 def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
-    def make(hp):
+    def make(hp: HParams):
         return build_probe(cfg.probe, token_set, dims, num_classes, num_tokens,
                            attn_drop=hp.dropout)
     return make
 
 
-def run_train(cfg, run_dir: Path) -> dict:
-    """Cached mode: features from the cache, the search, one test evaluation, all logged.
-    ``mode=end2end`` and fine-tuning probes train through the backbone instead."""
-    if cfg.mode == "end2end" or cfg.probe.get("finetune"):
-        from alfusion.end2end_run import run_end2end
-
-        return run_end2end(cfg, run_dir)
-    if cfg.mode != "cached":
-        raise ValueError(f"unknown mode {cfg.mode!r}: use cached or end2end")
-    device = resolve_device(cfg.device)
-    analysis.requested(cfg)  # a misspelt analysis fails before any work
-    logger = tracking.make_logger(cfg)
-    ok = False
-    try:
-        tracking.log_config(logger, cfg, run_dir)
-        t0 = time.perf_counter()
-        x_train, y_train, token_set, entry = split_tokens(cfg, "train", device)
+def train_inputs(cfg, device: torch.device) -> dict:
+    """The run's train and test data (TokenData from the cache, or ImageData through the
+    TokenEncoder), token set, sizes, and the encoder when images are fed."""
+    t0 = time.perf_counter()
+    if cfg.mode.name == "cached":
+        x, y, token_set, entry = split_tokens(cfg, "train", device)
         x_test, y_test, _, _ = split_tokens(cfg, "test", device)
-        features_seconds = time.perf_counter() - t0
-        num_classes = num_classes_of(cfg, y_train, y_test)
-        num_tokens = x_train.shape[1] if x_train.dim() == 3 else token_set.num_tokens()
-        make_probe = probe_factory(cfg, token_set, entry.dims, num_classes, num_tokens)
+        num_tokens = x.shape[1] if x.dim() == 3 else token_set.num_tokens()
+        return dict(train=TokenData(x, y), test=TokenData(x_test, y_test), token_set=token_set,
+                    dims=entry.dims, num_tokens=num_tokens, encoder=None,
+                    seconds=time.perf_counter() - t0)
+    encoder, eval_tf = build_encoder(cfg)
+    inputs = image_inputs(cfg, encoder, eval_tf, device)
+    return dict(train=inputs.train, test=inputs.test, token_set=inputs.token_set,
+                dims=inputs.dims, num_tokens=inputs.num_tokens, encoder=encoder,
+                seconds=time.perf_counter() - t0)
+
+
+def resolve_mode(cfg) -> None:
+    """The fine-tuning baseline's head (probe=finetune) trains in mode=finetune: with the
+    default mode=cached that is what the command means (a sweep over probes, e.g. the paper
+    table, runs it so), and it is set; with mode=end2end it is refused."""
+    if cfg.mode.name not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode.name!r}: use mode=cached, end2end or finetune")
+    if cfg.probe.name == "finetune" and cfg.mode.name != "finetune":
+        if cfg.mode.name != "cached":
+            raise ValueError(f"probe=finetune trains the backbone: use mode=finetune, not "
+                             f"mode={cfg.mode.name}")
+        cfg.mode = OmegaConf.load(CONF / "mode" / "finetune.yaml")
+        print("[alfusion] probe=finetune: mode=finetune (the backbone trains with the head)")
+
+
+def run_train(cfg, run_dir: Path) -> dict:
+    """Train with the search, test once, log everything; the same flow for every mode."""
+    resolve_mode(cfg)
+    analysis.requested(cfg)  # a misspelt analysis fails before any work
+    device = resolve_device(cfg.device)
+    state, resuming = open_run_state(cfg, run_dir)
+    logger = tracking.make_logger(cfg, run_id=state.data.get("mlflow_run_id"))
+    status = "FAILED"
+    try:
+        if logger is not None and not resuming:
+            state.data["mlflow_run_id"] = logger.run_id
+            state.save()
+            tracking.log_config(logger, cfg, state.run_dir)
+            if state.orphan_run_id:  # the killed run this folder held before
+                tracking.mark_killed(logger, state.orphan_run_id)
+        elif resuming and logger is not None:
+            logger.experiment.set_tag(logger.run_id, "resumed_in", str(run_dir))
+        inputs = train_inputs(cfg, device)
+        train, test = inputs["train"], inputs["test"]
+        num_classes = num_classes_of(cfg, train.labels, test.labels)
+        make_probe = probe_factory(cfg, inputs["token_set"], inputs["dims"], num_classes,
+                                   inputs["num_tokens"])
         configs = expand_grid(cfg.search, attentive=cfg.probe.kind == "attentive")
-        result = run_search(make_probe, configs, (x_train, y_train), (x_test, y_test),
-                            num_classes, cfg, logger=logger)
-        probe = result.model.probe
-        summary = dict(
-            dataset=cfg.dataset.name, backbone=cfg.backbone.name, probe=cfg.probe.name,
-            layers=list(token_set.layers), tokens=token_set.tokens, num_tokens=num_tokens,
-            num_classes=num_classes, chosen=result.best.__dict__,
-            val={k: v for k, v in result.val.items() if k != "per_class_recall"},
-            test={k: v for k, v in result.test.items() if k != "per_class_recall"},
-            steps=result.steps, fit_samples=result.fit_samples,
-            probe_params=sum(p.numel() for p in probe.parameters()),
-            seconds=dict(features=round(features_seconds, 2),
-                         search=round(result.search_seconds, 2),
-                         fit=round(result.fit_seconds, 2)),
-            grid=result.grid, run_dir=str(run_dir),
-            mlflow_run_id=logger.run_id if logger else None,
-        )
-        save_probe(run_dir / "probe.pt", probe, cfg, summary, entry.dims)
-        summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
-                                                   x_test, summary, device)
-        tracking.log_summary(logger, run_dir, summary, {
-            "fit/steps": result.steps, "fit/samples": result.fit_samples,
-            "probe/params": summary["probe_params"], "time/search_s": result.search_seconds,
-            "time/fit_s": result.fit_seconds, "time/features_s": features_seconds})
-        tracking.log_artifact(logger, tracking.write_json(
-            run_dir / "per_class_recall.json",
-            dict(val=result.val.get("per_class_recall"), test=result.test["per_class_recall"])))
-        ok = True
-        print(f"[alfusion] {cfg.dataset.name} | {cfg.backbone.name} | {cfg.probe.name} | "
-              f"test balanced accuracy {summary['test']['bal_acc']:.4f} "
-              f"(chosen {result.best.name}; results in {run_dir})")
+        result = run_search(make_probe, configs, train, test, num_classes, cfg, state,
+                            resuming, logger)
+        if not is_global_zero():
+            status = "FINISHED"
+            return {}
+        summary = write_results(cfg, state.run_dir, logger, result, inputs, num_classes)
+        state.data["finished"] = True
+        state.save()
+        status = "FINISHED"
+        print(f"[alfusion] {cfg.mode.name} {cfg.dataset.name} | {cfg.backbone.name} | "
+              f"{cfg.probe.name} | test balanced accuracy {summary['test']['bal_acc']:.4f} "
+              f"(chosen {result.best.name}; results in {state.run_dir})")
         return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"[alfusion] interrupted: MLflow run marked KILLED; continue it with the same "
+              f"command and resume=true (run folder {state.run_dir})", flush=True)
+        raise
     finally:
-        tracking.finish(logger, ok)
+        tracking.finish(logger, status)
 
 
-def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: list[int]) -> None:
-    """The trained probe with what rebuilds it: state dict, resolved config, sizes."""
-    torch.save(dict(state_dict=probe.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
-                    dims=dims, num_classes=summary["num_classes"],
-                    num_tokens=summary["num_tokens"], chosen=summary["chosen"]), path)
+def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes: int) -> dict:
+    """results.json, probe.pt, per-class recall, analyses, and the run's MLflow summary."""
+    token_set, probe = inputs["token_set"], result.model
+    summary = dict(
+        mode=cfg.mode.name, dataset=cfg.dataset.name, backbone=cfg.backbone.name,
+        probe=cfg.probe.name, layers=list(token_set.layers), tokens=token_set.tokens,
+        num_tokens=inputs["num_tokens"], num_classes=num_classes, chosen=result.best.__dict__,
+        val={k: v for k, v in result.val.items() if k != "per_class_recall"},
+        test={k: v for k, v in result.test.items() if k != "per_class_recall"},
+        fit=dict(steps=result.steps, batch_size=result.batch_size, samples=result.fit_samples,
+                 world=result.world),
+        probe_params=sum(p.numel() for p in probe.parameters()),
+        seconds=dict(inputs=round(inputs["seconds"], 2), search=round(result.search_seconds, 2),
+                     fit=round(result.fit_seconds, 2)),
+        grid=result.grid, run_dir=str(run_dir),
+        mlflow_run_id=logger.run_id if logger else None)
+    encoder = inputs["encoder"]
+    if encoder is not None:
+        summary["backbone_checksum"] = dict(start=encoder.pretrained_checksum,
+                                            end=state_checksum(encoder.backbone))
+        for when, value in summary["backbone_checksum"].items():
+            tracking.set_tag(logger, f"backbone_sha256_{when}", value)
+    save_probe(run_dir / "probe.pt", probe, cfg, summary, inputs["dims"],
+               encoder.backbone if encoder is not None and encoder.trainable else None)
+    x_test = inputs["test"].x if isinstance(inputs["test"], TokenData) else None
+    summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
+                                               x_test, summary, resolve_device(cfg.device))
+    tracking.log_summary(logger, run_dir, summary, {
+        "fit/steps": result.steps, "fit/samples": result.fit_samples,
+        "probe/params": summary["probe_params"], "time/search_s": result.search_seconds,
+        "time/fit_s": result.fit_seconds, "time/inputs_s": inputs["seconds"]})
+    tracking.log_artifact(logger, tracking.write_json(
+        run_dir / "per_class_recall.json",
+        dict(val=result.val.get("per_class_recall"), test=result.test["per_class_recall"])))
+    return summary
+
+
+def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: list[int],
+               backbone: torch.nn.Module | None = None) -> None:
+    """probe.pt: tensors and plain containers only (it loads with weights_only=True): the
+    probe's state dict, the resolved config, sizes, the chosen configuration, and the
+    fine-tuned backbone's state dict when the backbone was trained."""
+    data = dict(state_dict=probe.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
+                dims=list(dims), num_classes=summary["num_classes"],
+                num_tokens=summary["num_tokens"], chosen=summary["chosen"], mode=summary["mode"])
+    if backbone is not None:
+        data["backbone_state_dict"] = backbone.state_dict()
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+
+
+EVALUATE_FIX = "pass probe_path=<run folder>/probe.pt of a finished alfusion run"
+
+
+def refuse_overrides_for_evaluate() -> None:
+    """task=evaluate scores a probe with the backbone and on the dataset it was trained for:
+    a backbone= or dataset= choice on the command line would be ignored, so it is refused."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    given = [o for o in HydraConfig.get().overrides.task
+             if o.split("=")[0].lstrip("+~") in ("backbone", "dataset", "probe", "mode")]
+    if given:
+        raise ValueError(f"task=evaluate uses the probe's own backbone, dataset, probe and "
+                         f"mode (from its probe.pt); remove {' '.join(given)} (to evaluate "
+                         "on another dataset, train a probe for it)")
 
 
 def run_evaluate(cfg, run_dir: Path) -> dict:
-    """Evaluate a saved probe (``probe_path=``) on the test split, without training."""
+    """Score a saved probe (``probe_path=``) on its test split, without training, with the
+    backbone it was trained with (a fine-tuned one included) and in its own mode."""
     if not cfg.get("probe_path"):
-        raise ValueError("task=evaluate needs probe_path=<run folder>/probe.pt")
-    saved = torch.load(cfg.probe_path, map_location="cpu", weights_only=False)
+        raise ValueError(f"task=evaluate needs probe_path: {EVALUATE_FIX}")
+    refuse_overrides_for_evaluate()
+    path = Path(cfg.probe_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"probe_path={path}: no such file; {EVALUATE_FIX}")
+    saved = load_tensors(path, "probe_path", EVALUATE_FIX)
+    if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
+        raise ValueError(f"probe_path={path} is not an alfusion probe.pt: {EVALUATE_FIX}")
     saved_cfg = OmegaConf.create(saved["config"])
     saved_cfg.paths = cfg.paths
     device = resolve_device(cfg.device)
-    x_test, y_test, token_set, _ = split_tokens(saved_cfg, "test", device)
+    hp = HParams(**saved["chosen"])
+    if saved_cfg.mode.name == "cached":
+        x, y, token_set, _ = split_tokens(saved_cfg, "test", device)
+        test = TokenData(x, y)
+    else:
+        encoder, eval_tf = build_encoder(saved_cfg, saved.get("backbone_state_dict"))
+        test = image_inputs(saved_cfg, encoder, eval_tf, device, splits=("test",)).test
+        token_set = encoder.token_set
     probe = build_probe(saved_cfg.probe, token_set, saved["dims"], saved["num_classes"],
-                        saved["num_tokens"], attn_drop=saved["chosen"]["dropout"])
+                        saved["num_tokens"], attn_drop=hp.dropout)
     probe.load_state_dict(saved["state_dict"])
-    metrics = classification_metrics(predict(probe.to(device), x_test), y_test,
-                                     saved["num_classes"])
+    logits, labels = test.logits(ProbeBank.from_probes([probe.to(device)]))
+    metrics = classification_metrics(logits[0], labels, saved["num_classes"])
     metrics.pop("per_class_recall")
-    print(f"[alfusion] evaluate {cfg.probe_path}: {metrics}")
-    tracking.write_json(run_dir / "evaluation.json", dict(probe_path=str(cfg.probe_path),
-                                                           test=metrics))
+    print(f"[alfusion] evaluate {path} ({saved_cfg.mode.name} {saved_cfg.dataset.name} | "
+          f"{saved_cfg.backbone.name} | {saved_cfg.probe.name}): {metrics}")
+    tracking.write_json(run_dir / "evaluation.json", dict(
+        probe_path=str(path), mode=saved_cfg.mode.name, dataset=saved_cfg.dataset.name,
+        backbone=saved_cfg.backbone.name, probe=saved_cfg.probe.name, test=metrics))
     return metrics
 
 

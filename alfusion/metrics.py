@@ -8,6 +8,8 @@ from torchmetrics.functional.classification import (
     multiclass_confusion_matrix,
 )
 
+from alfusion.config_check import check_labels
+
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
                            num_classes: int) -> dict:
@@ -32,3 +34,16 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
         out["acc5"] = float(multiclass_accuracy(logits, targets, num_classes, top_k=5,
                                                 average="micro"))
     return out
+
+
+def num_classes_of(cfg, train_labels: torch.Tensor, *more: torch.Tensor) -> int:
+    """The dataset's number of classes (its config, else the largest label + 1), checked
+    against every label; the train split needs two classes present (config_check)."""
+    labels = (train_labels, *more)
+    n = cfg.dataset.get("num_classes") or int(max(int(y.max()) for y in labels) + 1)
+    check_labels(train_labels, n, "train")
+    bad = [int(y.max()) for y in more if int(y.max()) >= n]
+    if bad:
+        raise ValueError(f"label {max(bad)} outside the {n} classes of dataset "
+                         f"{cfg.dataset.name}: check dataset.num_classes")
+    return n

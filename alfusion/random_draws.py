@@ -2,30 +2,28 @@
 
 Every configuration of a search draws from its own stream, seeded by (run seed,
 configuration), and the jitter of the default ``train.jitter_draws=shared`` from one stream
-of the run seed. A configuration trained alone (``fit_probe``) and the same configuration
-trained inside a ProbeBank therefore see the same jitter and the same dropout masks, step
-for step: the two search paths differ only by float rounding. The distributions are the
-paper's: jitter adds N(0, sigma^2) to a whole sample with probability p, dropout is
-inverted Bernoulli dropout at rate p.
+of the run seed. A configuration therefore sees the same jitter and dropout masks, step for
+step, whatever else is trained beside it: in a grid, in a refit, on any rank. The
+distributions are the paper's: jitter adds N(0, sigma^2) to a whole sample with probability p
+(end to end, the paper flips one coin per batch), dropout is inverted Bernoulli dropout.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from alfusion.training import HParams
+from alfusion.protocol import HParams
+
+JITTER_MODES = ("per_sample", "per_batch", "off")
 
 
 def probe_seed(seed: int, hp: HParams | None) -> int:
     """A generator seed that depends only on the run seed and the configuration (None: the
-    run's shared stream), so a probe draws the same numbers whatever else is in its bank,
-    on its rank, or whether it is trained alone."""
+    run's shared stream)."""
     key = f"{seed}|shared" if hp is None else f"{seed}|{hp.lr!r}|{hp.wd!r}|{hp.dropout!r}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
 
@@ -33,25 +31,26 @@ def probe_seed(seed: int, hp: HParams | None) -> int:
 class ProbeStream:
     """One stream of draws from its own generator: jitter coin and noise, dropout masks.
 
-    Draw order per step: jitter coin (B,), jitter noise (K, ...) for the K chosen samples,
-    then the dropout keep mask (B, H, T) when the probe has dropout. A single-probe loop
-    that calls ``jitter`` and ``dropout`` in that order reproduces the bank's draws exactly.
+    Draw order per step: jitter coin(s), jitter noise for the chosen samples, then the
+    dropout keep mask (B, H, T) when the probe has dropout.
     """
 
     def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def jitter(self, x: torch.Tensor, p: float, sigma: float,
+    def jitter(self, x: torch.Tensor, p: float, sigma: float, mode: str = "per_sample",
                out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p,
-        written into ``out`` (B, ...) when given (the bank fills its (G, B, ...) input).
+        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p
+        (``per_batch``: on the whole batch with probability p; ``off``: none), written into
+        ``out`` (B, ...) when given.
 
-        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5 (on
-        the CPU the normal draws cost a fifth of a single ALF step)."""
-        if p <= 0 or sigma <= 0:
+        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5."""
+        if p <= 0 or sigma <= 0 or mode == "off":
             return x if out is None else out.copy_(x)
         gen = self.generator
-        rows = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).nonzero()[:, 0]
+        coins = 1 if mode == "per_batch" else x.shape[0]
+        chosen = torch.rand(coins, generator=gen, device=x.device) < p
+        rows = (chosen.expand(x.shape[0]) if mode == "per_batch" else chosen).nonzero()[:, 0]
         noise = torch.randn((rows.numel(), *x.shape[1:]), generator=gen, device=x.device,
                             dtype=x.dtype)
         out = x.clone() if out is None else out.copy_(x)
@@ -67,7 +66,7 @@ class ProbeStream:
 
 
 class StreamDropout(nn.Module):
-    """nn.Dropout(p) whose masks come from a ProbeStream: (B, H, T) attention -> the same."""
+    """nn.Dropout(p) whose masks come from a ProbeStream: (..., H, T) attention -> the same."""
 
     def __init__(self, stream: ProbeStream, p: float) -> None:
         super().__init__()

@@ -1,10 +1,12 @@
 """Checkpoints and resume: a run's state file says which MLflow run and checkpoints it owns.
 
 ``<run dir>/resume.json`` holds the config fingerprint, the MLflow run id, the results of the
-finished fit stages ("val", "final") and whether the run finished. ``resume=true`` continues the
-newest unfinished run with the same fingerprint under ``paths.root``; ``ckpt_path=FILE``
-continues the run that holds FILE. Either way training goes on from the checkpoint and logs
-into the same MLflow run.
+finished fit stages ("grid", "final"; grid000, ... when fine-tuning) and whether the run
+finished. Each fit writes its engine checkpoint to ``<run dir>/checkpoints/<stage>/``.
+``resume=true`` continues the newest unfinished run with the same fingerprint under
+``paths.root``; ``ckpt_path=FILE`` continues the run that holds FILE. Either way finished
+stages are not repeated, the unfinished one goes on from its checkpoint, and everything logs
+into the same MLflow run. Cached and end-to-end runs alike.
 
 Under DDP only rank 0 decides which run to continue: it passes the decision to the ranks it
 launches in the environment (they inherit it), so every rank loads the same checkpoint.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ class RunState:
 
     def __init__(self, run_dir: Path, data: dict) -> None:
         self.run_dir, self.data = Path(run_dir), data
+        self.orphan_run_id: str | None = None  # the MLflow run of a killed, unresumed run
 
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
@@ -80,7 +84,7 @@ def find_unfinished(root: Path, fingerprint: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-CKPT_FIX = ("pass <run folder>/checkpoints/<stage>/last.ckpt of an earlier end-to-end run, or "
+CKPT_FIX = ("pass <run folder>/checkpoints/<stage>/last.rank0.pt of an earlier run, or "
             "resume=true to continue the newest unfinished run of this config")
 
 
@@ -100,19 +104,28 @@ def run_folder_of(ckpt_path: str) -> Path:
 def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
     """Refuse a ``ckpt_path`` that is not a fit checkpoint of ``run_dir`` before any work (and
     before the run's MLflow run is reopened): it must lie in ``run_dir/checkpoints/<stage>/``
-    and read as a Lightning checkpoint (a dict with ``global_step`` and ``state_dict``)."""
+    and read, as tensors and plain containers only (nothing in it runs), as an engine
+    checkpoint (a dict with the engine's ``step`` state)."""
     path = Path(ckpt_path).expanduser().resolve()
     if path.parent.parent != Path(run_dir) / "checkpoints":
         raise ValueError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
-                         f"(those are {run_dir}/checkpoints/<stage>/last.ckpt): {CKPT_FIX}")
-    try:  # memory-mapped: a fine-tuning checkpoint can be large, and only its keys are read
-        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many kinds of error for a damaged file
-        raise ValueError(f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({err}): the "
-                         f"file is damaged or not a checkpoint; {CKPT_FIX}") from err
-    if not isinstance(data, dict) or not {"global_step", "state_dict"} <= data.keys():
-        raise ValueError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (it has no "
-                         f"global_step and state_dict): {CKPT_FIX}")
+                         f"(those are {run_dir}/checkpoints/<stage>/last.rank0.pt): {CKPT_FIX}")
+    data = load_tensors(path, "ckpt_path", CKPT_FIX)
+    if not isinstance(data, dict) or "step_count" not in data.get("step", {}):
+        raise ValueError(f"ckpt_path={ckpt_path} is not an alfusion engine checkpoint (it has "
+                         f"no step state): {CKPT_FIX}")
+
+
+def load_tensors(path: Path, key: str, fix: str):
+    """torch.load with weights_only=True: tensors and plain containers, never code. A file
+    that needs anything else (a crafted pickle, a foreign format) or is damaged is refused,
+    naming ``key`` and ``fix``."""
+    try:  # memory-mapped: a fine-tuning checkpoint can be large
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many kinds of error for a damaged or unsafe file
+        raise ValueError(f"{key}={path} cannot be read as tensors and plain data ({err}); it "
+                         f"is damaged, not an alfusion file, or carries code, which is never "
+                         f"run: {fix}") from err
 
 
 def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
@@ -140,19 +153,13 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         if state.data.get("fingerprint") != fingerprint and is_global_zero():
             print(f"[alfusion] note: continuing {previous} with a changed config")
         return state, True
+    orphan = None
+    if (run_dir / STATE_FILE).exists() and is_global_zero():  # a run's folder, started anew
+        earlier = RunState.load(run_dir).data
+        orphan = None if earlier.get("finished") else earlier.get("mlflow_run_id")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # never resume from them
     state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False))
+    state.orphan_run_id = orphan
     state.save()
     return state, False
 
-
-def checkpoint_to_resume(cfg, state: RunState, stage: str, resuming: bool) -> str | None:
-    """The checkpoint a stage's fit continues from: ckpt_path if it is this stage's, else the
-    stage's last.ckpt of the continued run, else None (start the stage fresh)."""
-    if not resuming:
-        return None
-    if cfg.get("ckpt_path"):
-        ckpt = Path(cfg.ckpt_path).expanduser().resolve()
-        if ckpt.parent.name == stage:
-            return str(ckpt)
-    last = state.checkpoint_dir(stage) / "last.ckpt"
-    return str(last) if last.exists() else None

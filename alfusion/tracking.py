@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -132,8 +133,31 @@ def log_summary(logger: MLFlowLogger | None, run_dir: Path, summary: dict,
     log_artifact(logger, write_json(run_dir / "results.json", summary))
 
 
-def finish(logger: MLFlowLogger | None, ok: bool) -> None:
-    """Mark the run FINISHED or FAILED (a fit may already have marked it finished).
+def log_curve(logger: MLFlowLogger | None, key: str, values: list[float]) -> None:
+    """A whole curve (value i at step i + 1), in batches of MLflow's 1000 metrics."""
+    if logger is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric(key, float(v), now, i + 1) for i, v in enumerate(values)]
+    for i in range(0, len(points), 1000):
+        logger.experiment.log_batch(logger.run_id, metrics=points[i:i + 1000])
+
+
+def set_tag(logger: MLFlowLogger | None, key: str, value: str) -> None:
+    if logger is not None:
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def mark_killed(logger: MLFlowLogger | None, run_id: str) -> None:
+    """A run left RUNNING by a killed process, whose folder a new run now takes: KILLED."""
+    if logger is not None and logger.experiment.get_run(run_id).info.status == "RUNNING":
+        logger.experiment.set_terminated(run_id, "KILLED")
+
+
+def finish(logger: MLFlowLogger | None, status: str) -> None:
+    """Mark the run FINISHED, FAILED or KILLED.
 
     On the way out (often after an error) a server that is gone is not retried: one try with
     a short timeout, and a failure to mark the run is printed, not raised over the real error.
@@ -144,17 +168,16 @@ def finish(logger: MLFlowLogger | None, ok: bool) -> None:
     if uri in _dead_servers:
         return
     if not uri.startswith(("http://", "https://")):
-        logger.experiment.set_terminated(logger.run_id, "FINISHED" if ok else "FAILED")
+        logger.experiment.set_terminated(logger.run_id, status)
         return
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                                             "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
                       MLFLOW_HTTP_REQUEST_TIMEOUT=str(SERVER_TIMEOUT_S))
     try:
-        logger.experiment.set_terminated(logger.run_id, "FINISHED" if ok else "FAILED")
+        logger.experiment.set_terminated(logger.run_id, status)
     except Exception as err:  # the server went away during the run
-        print(f"[alfusion] could not mark MLflow run {logger.run_id} at {uri} "
-              f"{'FINISHED' if ok else 'FAILED'}: {err}")
+        print(f"[alfusion] could not mark MLflow run {logger.run_id} at {uri} {status}: {err}")
     finally:
         for key, value in saved.items():
             if value is None:

@@ -5,6 +5,7 @@ threads first."""
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def available() -> list[str]:
 
 def main(argv: list[str]) -> int:
     import torch
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" lines
     if os.environ.get("BENCH_THREADS"):  # e.g. 1 on a machine shared with other jobs
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     names = available()

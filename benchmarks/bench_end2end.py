@@ -5,8 +5,11 @@
 
 Prints images/s of each and the ratio (end-to-end ALF step time) / (inference pass time) over
 the same images: the target on a GPU is <= 1.3 (the frozen backbone dominates; the probe and
-its backward are small). Images are synthetic tensors already on the device: this measures the
-model side, not JPEG decoding.
+its backward are small). Both training steps are the engine's ``BankStep`` on the
+``TokenEncoder``'s tokens, as ``mode=end2end`` (a bank of one ALF probe, one jitter coin per
+batch) and ``mode=finetune`` (a linear head with the backbone as trainable ``extra``
+parameters, no jitter) run them. Images are synthetic tensors already on the device: this
+measures the model side, not JPEG decoding.
 """
 
 # ruff: noqa: I001  (alfusion must be imported before timm: its torchvision fix)
@@ -22,8 +25,11 @@ import torch
 from omegaconf import OmegaConf
 
 from alfusion.backbones.timm_vit import tap_model
-from alfusion.end2end import TokenEncoder, jitter_per_batch
+from alfusion.end2end.encoder import TokenEncoder
+from alfusion.engine import BankStep
 from alfusion.probes import AttentiveProbe, LinearProbe
+from alfusion.probes.bank import ProbeBank
+from alfusion.protocol import HParams
 from alfusion.tokens import TokenSet
 
 
@@ -65,32 +71,29 @@ def main() -> None:
         with torch.inference_mode(), amp:
             backbone(images)
 
+    weights = torch.ones(C, device=device)
+    total = 2 * args.steps + 2
+    hp = HParams(lr=1e-3, wd=1e-4)
     encoder = TokenEncoder(backbone, TokenSet(tuple(range(1, L + 1)), "cls+ap")).to(device)
-    probe = AttentiveProbe(D, C, num_heads=2 * L).to(device)
-    opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    bank = ProbeBank.fresh(lambda hp: AttentiveProbe(D, C, num_heads=2 * L), [hp], 0)
+    alf = BankStep(bank.to(device), [hp], total, weights, seed=0, jitter="per_batch")
 
     def alf_step():
         with amp:
-            x = jitter_per_batch(encoder(images), 0.5, 0.05)
-            loss = torch.nn.functional.cross_entropy(probe(x).float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    ft_encoder = TokenEncoder(backbone, TokenSet((L,), "cls", flat=True), trainable=True)
-    head = LinearProbe(D, C).to(device)
-    ft_opt = torch.optim.AdamW([dict(params=head.parameters(), lr=1e-3),
-                                dict(params=backbone.parameters(), lr=1e-6)])
-
-    def finetune_step():
-        with amp:
-            loss = torch.nn.functional.cross_entropy(head(ft_encoder(images)).float(), labels)
-        ft_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ft_opt.step()
+            alf.step(encoder(images), labels)
 
     t_inf = timed(inference, args.steps, device)
     t_alf = timed(alf_step, args.steps, device)
+
+    ft_encoder = TokenEncoder(backbone, TokenSet((L,), "cls", flat=True), trainable=True)
+    head = ProbeBank.fresh(lambda hp: LinearProbe(D, C), [hp], 0)
+    finetune = BankStep(head.to(device), [hp], total, weights, seed=0, jitter="off",
+                        extra=list(backbone.parameters()), extra_lr_scale=1e-3)
+
+    def finetune_step():
+        with amp:
+            finetune.step(ft_encoder(images), labels)
+
     ft_encoder.train()
     t_ft = timed(finetune_step, max(2, args.steps // 2), device)
     ft_encoder.reset()

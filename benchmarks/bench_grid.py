@@ -3,10 +3,11 @@
 ALF on ViT-B-sized features (24 tokens x 768, 24 heads, head_dim 64), N = 20,000 cached
 samples (fp16, as in the cache), C = 10, batch 2048 (the shrink rule's batch for N = 20k),
 the paper's grid values (lr x wd x dropout, G = 21: dropout 0 only, G = 63: all three).
-Two single fits are the baselines: our Lightning fit (``fit_probe``, what the search's final
-refit runs; per step: the difference between a 3-step fit and a longer one, so Trainer
-start-up cancels) and a bank of one (what ``search.bank=false`` runs per configuration).
-A ratio below 1 means the bank is cheaper than training the configurations one by one.
+Two single fits are the baselines: the engine's refit (``fit_bank([hp], ...)``, a bank of one
+through Lightning, what the search's final refit runs; per step: the difference between a
+3-step fit and a longer one, so Trainer start-up cancels) and a bank of one (``BankStep`` with
+G = 1, no Lightning). A ratio below 1 means the bank is cheaper than training the
+configurations one by one.
 
 On a CPU the arithmetic per probe cannot be shared (every probe has its own weights and,
 with ``jitter_draws=per_probe``, its own jittered input), so the bank saves the batch
@@ -20,25 +21,28 @@ size).
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
+from alfusion.engine import BankStep, TensorSteps, TokenData, fit_bank
+from alfusion.engine.fit import auto_chunk
 from alfusion.probes import AttentiveProbe
-from alfusion.probes.bank import BankTrainer, ProbeBank, auto_chunk, fresh_probe
-from alfusion.training import FeatureBatches, HParams, batch_size_for, class_weights, fit_probe
-from benchmarks.bench_probe_speed import epochs
+from alfusion.probes.bank import ProbeBank, fresh_probe
+from alfusion.protocol import HParams, batch_plan, batch_size_for, class_weights
 
 # BENCH_GRID_SHAPE=default measures at the default experiment's size instead (digits on the
 # offline ViT-S/14: the 1,077-sample fit split of 24 x 384 tokens, batch 195).
 SHAPES = dict(vit_b=(20_000, 24, 768, 10), default=(1_077, 24, 384, 10))
 N, T, D, C = SHAPES[os.environ.get("BENCH_GRID_SHAPE", "vit_b")]
+CONF = Path(__file__).resolve().parents[1] / "conf"
 LRS, WDS, DROPS = (0.1, 0.01, 0.001), tuple(10.0 ** -k for k in range(6, -1, -1)), (0, .1, .3)
 
 
@@ -51,42 +55,51 @@ def make(hp: HParams) -> AttentiveProbe:
     return AttentiveProbe(D, C, num_heads=T, attn_drop=hp.dropout)
 
 
-def lightning_step_times(x, y, batch, steps, jitter_draws) -> tuple[float, float]:
-    """(wall, process CPU) seconds per step of ``fit_probe`` on 2 x batch samples: the
-    difference between a 3-step and a (3 + steps)-step fit."""
-    device = "gpu" if x.device.type == "cuda" else "cpu"
-    trainer_cfg = OmegaConf.create(dict(accelerator=device, devices=1, progress_bar=False,
-                                        precision="bf16-mixed" if device == "gpu" else "32-true"))
-    x, y = x[:2 * batch].float(), y[:2 * batch]
+def refit_config(batch: int, steps: int, jitter_draws: str, cuda: bool):
+    """The project's config for a refit of ``steps`` steps at ``batch`` on 2 x batch samples."""
+    overrides = [f"train.batch_size={batch}", "train.min_batches=1", "train.epochs=1",
+                 f"train.min_steps={steps}", f"train.jitter_draws={jitter_draws}",
+                 "train.checkpoint_every=0", "trainer.progress_bar=false"]
+    if cuda:
+        overrides.append("trainer=gpu")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def refit_step_times(x, y, batch, steps, jitter_draws) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step of the engine's refit (``fit_bank`` with one
+    configuration, through Lightning) on 2 x batch samples: the difference between a 3-step
+    and a (3 + steps)-step fit."""
+    cuda = x.device.type == "cuda"
+    data = TokenData(x[:2 * batch], y[:2 * batch])
     times = []
     for n in (3, 3 + steps):
-        train_cfg = OmegaConf.create(dict(batch_size=batch, min_batches=1, epochs=1,
-                                          min_steps=n, jitter_p=0.5, jitter_sigma=0.05,
-                                          jitter_draws=jitter_draws))
-        hp = grid(1)[0]
+        cfg = refit_config(batch, n, jitter_draws, cuda)
         t0, c0 = time.perf_counter(), time.process_time()
-        fit_probe(fresh_probe(make, hp, 0), hp, x, y, C, train_cfg, trainer_cfg, seed=0)
-        if device == "gpu":
+        fit_bank(grid(1), make, data, C, cfg)
+        if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0, time.process_time() - c0))
     return tuple((times[1][i] - times[0][i]) / steps for i in range(2))
 
 
 def step_times(configs, x, y, weights, batch, min_steps, warmup, jitter_draws,
-               min_seconds: float = 5.0) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds of a training step of a bank of ``configs``, over
-    at least ``min_steps`` timed steps and ``min_seconds`` after ``warmup`` untimed ones."""
+               min_seconds: float = 5.0, total_steps: int = 10_000) -> tuple[float, float]:
+    """Median (wall, process CPU) seconds of a training step of a bank of ``configs``
+    (``BankStep``, no Lightning), over at least ``min_steps`` timed steps and ``min_seconds``
+    after ``warmup`` untimed ones."""
     bank = ProbeBank.from_probes([fresh_probe(make, hp, 0) for hp in configs]).to(x.device)
     chunk = auto_chunk(bank, batch, (T, D), jitter_draws == "per_probe")
     cuda = x.device.type == "cuda"
-    trainer = BankTrainer(bank, configs, 100_000, weights, seed=0, jitter_draws=jitter_draws,
-                          autocast=cuda, chunk=chunk)
-    it = epochs(FeatureBatches(x, y, batch, seed=0))
+    core = BankStep(bank, configs, total_steps, weights, seed=0, jitter_draws=jitter_draws,
+                    chunk=chunk)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    plan = batch_plan(len(y), batch, 1, 1, total_steps)
     walls, cpus = [], []
-    for i in itertools.count():
-        xb, yb = next(it)
+    for i, (xb, yb) in enumerate(TensorSteps(x, y, plan, seed=0)):
         t0, c0 = time.perf_counter(), time.process_time()
-        trainer.step(xb, yb)
+        with amp:
+            core.step(xb, yb)
         if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
@@ -116,14 +129,14 @@ def main(sizes=(21, 63), single_steps: int = 4, bank_steps: int = 1,
         # The single fits measured before and after the banks (8 steps each in all): the
         # machine's load drifts over the minutes a bank step takes.
         before = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
-        # Lightning: enough extra steps that they outweigh the noise of Trainer start-up.
-        light_steps = max(3 * single_steps, math.ceil(10.0 / before[0]))
-        light_before = lightning_step_times(x, y, batch, light_steps, mode)
+        # The refit: enough extra steps that they outweigh the noise of Trainer start-up.
+        refit_steps = max(3 * single_steps, math.ceil(10.0 / before[0]))
+        refit_before = refit_step_times(x, y, batch, refit_steps, mode)
         banks = {G: step_times(grid(G), x, y, weights, batch, bank_steps, 1, mode)
                  for G in sizes}
         after = step_times(grid(1), x, y, weights, batch, single_steps, 1, mode)
-        light_after = lightning_step_times(x, y, batch, light_steps, mode)
-        singles = {"Lightning fit": (light_before, light_after), "bank of one": (before, after)}
+        refit_after = refit_step_times(x, y, batch, refit_steps, mode)
+        singles = {"engine refit": (refit_before, refit_after), "bank of one": (before, after)}
         print(f"  jitter_draws={mode}: one probe, s/step wall / CPU (before the banks, after):")
         for name, (b, a) in singles.items():
             print(f"    {name:13s} {(b[0] + a[0]) / 2:.3f} / {(b[1] + a[1]) / 2:.3f} "

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from alfusion.engine.fit import activation_bytes_per_probe
 from alfusion.probes import AttentiveProbe
-from alfusion.probes.bank import ProbeBank, activation_bytes_per_probe
+from alfusion.probes.bank import ProbeBank
 
 T, D, C = 48, 1024, 10
 GIB = 1 << 30
@@ -51,17 +52,17 @@ def step_bytes(G: int, batch: int, chunk: int, per_probe_inputs: bool) -> dict:
 def child(G: int, batch: int, per_probe: bool) -> None:
     """Run in a fresh process: build a bank of G ViT-L-sized ALF probes, two steps, report
     peak RSS growth (bytes) since before the bank existed."""
-    from alfusion.probes.bank import BankTrainer
-    from alfusion.training import HParams
+    from alfusion.engine import BankStep
+    from alfusion.protocol import HParams
     x = torch.nn.functional.normalize(torch.randn(2 * batch, T, D), dim=-1)
     y = torch.arange(2 * batch) % C
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     configs = [HParams(0.01, 1e-4 * (g + 1)) for g in range(G)]
     bank = ProbeBank.from_probes([probe() for _ in configs])
-    trainer = BankTrainer(bank, configs, 10, torch.ones(C), seed=0, chunk=G,
-                          jitter_draws="per_probe" if per_probe else "shared")
+    core = BankStep(bank, configs, 10, torch.ones(C), seed=0, chunk=G,
+                    jitter_draws="per_probe" if per_probe else "shared")
     for i in range(2):
-        trainer.step(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
+        core.step(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(measured=peak - before)))
 

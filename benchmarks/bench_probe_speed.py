@@ -5,14 +5,17 @@ samples with batch 400 (what the shrink rule gives for N = 2,000), AdamW, per-st
 over 1,000 steps, clipping at 5, class-weighted cross-entropy, jitter p = 0.5, sigma = 0.05.
 
 - paper: a per-sample Dataset that adds jitter in ``__getitem__``, DataLoader batching
-  (shuffle, no workers: these CPUs have 2 cores), ``forward_reference`` (every token through
-  the k and v projections), fp32, torch.optim.AdamW + CosineAnnealingLR.
-- ours: ``BankTrainer`` with one probe, as ``fit_bank`` runs it: batches indexed from one
-  feature tensor, jitter on the whole batch, the reassociated attention, functional AdamW.
+  (shuffle, no workers: these CPUs have 2 cores), ``paper_forward`` (the paper's
+  formulation: every token through the k and v projections), fp32, torch.optim.AdamW +
+  CosineAnnealingLR.
+- ours: the engine's ``BankStep`` with one probe (G = 1), as ``fit_bank`` runs it: batches
+  indexed from one feature tensor (``TensorSteps``), jitter on the whole batch, the
+  reassociated attention, functional AdamW.
 
 Short rounds alternate between the two (contention on a shared machine hits both alike);
 the per-step time of each is the median over rounds, in wall and in process-CPU time, and
-the median of the per-round ratios is printed beside the ratio of the medians.
+the median of the per-round ratios is printed beside the ratio of the medians. Only the
+optimiser steps are timed here; bench_refit_speed.py times whole fits as a user runs them.
 ``python -m benchmarks probe_speed``.
 """
 
@@ -25,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from alfusion.engine import BankStep, TensorSteps
 from alfusion.probes import AttentiveProbe
-from alfusion.probes.bank import BankTrainer, ProbeBank, fresh_probe
-from alfusion.training import MIN_LR, FeatureBatches, HParams, class_weights
+from alfusion.probes.bank import ProbeBank, fresh_probe
+from alfusion.protocol import MIN_LR, HParams, batch_plan, class_weights
 
 N, T, D, C, BATCH, TOTAL_STEPS = 2000, 24, 384, 10, 400, 1000
 HP = HParams(lr=1e-3, wd=1e-4)
@@ -49,6 +53,19 @@ class JitterDataset(Dataset):
         return x, self.y[i]
 
 
+def paper_forward(probe: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
+    """The paper's formulation of the ALF probe on tokens x (B, T, D) -> logits (B, C): q, k
+    and v projections of every token, softmax attention, output projection, BN, head."""
+    B, T, _ = x.shape
+    H, hd = probe.num_heads, probe.head_dim
+    q = probe.q(probe.norm_q(probe.query)).view(1, H, 1, hd)
+    k = probe.k(probe.norm_k(x)).view(B, T, H, hd).transpose(1, 2)
+    v = probe.v(probe.norm_v(x)).view(B, T, H, hd).transpose(1, 2)
+    attn = probe.attn_drop(((q @ k.transpose(-2, -1)) * probe.scale).softmax(dim=-1))
+    out = (attn @ v).transpose(1, 2).reshape(B, -1)
+    return probe.head(probe.bn(probe.proj(out)))
+
+
 def epochs(batches):
     """The batches of one epoch after another, for as long as steps are asked for."""
     while True:
@@ -56,16 +73,16 @@ def epochs(batches):
 
 
 class PaperLoop:
-    def __init__(self, make, x, y, weights):
+    def __init__(self, make, x, y, weights, total_steps: int = TOTAL_STEPS):
         self.probe = fresh_probe(make, HP, 0).train()
         self.opt = torch.optim.AdamW(self.probe.parameters(), lr=HP.lr, weight_decay=HP.wd)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, TOTAL_STEPS, MIN_LR)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, total_steps, MIN_LR)
         self.loader = DataLoader(JitterDataset(x, y), batch_size=BATCH, shuffle=True)
         self.weights, self.it = weights, epochs(self.loader)
 
     def step(self) -> None:
         xb, yb = next(self.it)
-        loss = F.cross_entropy(self.probe.forward_reference(xb), yb, weight=self.weights)
+        loss = F.cross_entropy(paper_forward(self.probe, xb), yb, weight=self.weights)
         self.opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.probe.parameters(), 5.0)
@@ -76,12 +93,13 @@ class PaperLoop:
 class OurLoop:
     def __init__(self, make, x, y, weights):
         bank = ProbeBank.from_probes([fresh_probe(make, HP, 0)])
-        self.trainer = BankTrainer(bank, [HP], TOTAL_STEPS, weights, seed=0)
-        self.it = epochs(FeatureBatches(x, y, BATCH, seed=0))
+        self.core = BankStep(bank, [HP], TOTAL_STEPS, weights, seed=0)
+        plan = batch_plan(len(y), BATCH, 5, 1, TOTAL_STEPS)
+        self.it = iter(TensorSteps(x, y, plan, seed=0))
 
     def step(self) -> None:
         xb, yb = next(self.it)
-        self.trainer.step(xb, yb)
+        self.core.step(xb, yb)
 
 
 def per_step(loop, steps: int) -> tuple[float, float]:

@@ -54,18 +54,27 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = Tr
     return proc
 
 
-def kill_at_first_checkpoint(run_dir: Path, *args: str) -> Path:
-    """Start ``python -m alfusion ARGS`` (its run folder ``run_dir``), SIGKILL it as soon as
-    the final fit's first checkpoint exists; returns that checkpoint's path."""
+def signal_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final",
+                               sig: int = signal.SIGKILL) -> tuple[Path, int, str]:
+    """Start ``python -m alfusion ARGS`` (its run folder ``run_dir``), send it ``sig`` as soon
+    as the first checkpoint of fit ``stage`` exists: (that checkpoint's path, the exit code,
+    the output)."""
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     proc = subprocess.Popen([sys.executable, "-m", "alfusion", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "checkpoints/final/last.ckpt"
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = run_dir / f"checkpoints/{stage}/last.rank0.pt"
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=120)[0]
+    return ckpt, proc.returncode, output
+
+
+def kill_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final") -> Path:
+    """SIGKILL a run at the first checkpoint of fit ``stage``; that checkpoint's path."""
+    ckpt, code, output = signal_at_first_checkpoint(run_dir, *args, stage=stage)
+    assert code == -signal.SIGKILL, output[-3000:]  # killed, not finished
     return ckpt
 
 

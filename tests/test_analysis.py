@@ -1,5 +1,5 @@
-"""Layer attention, per-layer probes and CKA (docs/protocol.md, analysis) on a synthetic cache
-whose label lives in one layer only, plus CKA's closed-form properties."""
+"""Layer attention, per-layer probes and CKA (docs/protocol.md, analysis) on a synthetic
+cache whose label lives in one layer only, plus CKA's closed-form properties."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from PIL import Image
 
 from alfusion.analysis.attention import plot_attention_rows
 from alfusion.analysis.cka import cka, cka_matrix, hsic_unbiased, linear_kernel, rbf_kernel
-from alfusion.analysis.head_bank import HeadGroup, train_groups
 from alfusion.data.cache import EntryWriter, FeatureCache
 from alfusion.data.extract import feature_fingerprint
+from alfusion.engine import TokenData, fit_bank
 from alfusion.experiment import run_train
 from alfusion.probes import LinearProbe
-from alfusion.training import HParams, fit_probe
+from alfusion.protocol import HParams
 
 LAYERS, DIM, CLASSES, K = 4, 32, 4, 2  # the label lives in layer K (1-based) only
 
@@ -130,31 +130,24 @@ def test_cka_files_of_the_run(synthetic_run):
         assert image.size[0] > image.size[1]  # two panels side by side
 
 
-def test_head_bank_trains_each_head_as_fit_probe_would():
-    """Heads trained together (two groups with different lr/wd) end where each head ends when
-    trained alone by the Lightning fit of alfusion.training (jitter off: no random noise)."""
-    cfg = compose_config(*tiny_overrides("unused", "train.min_steps=30", "train.jitter_p=0"))
+def test_per_layer_heads_train_as_each_head_alone(tmp_path):
+    """The per-layer heads (one linear bank, each head reading its own token, two
+    configurations) end where each head ends when the engine trains it alone on its token
+    (jitter off: no random noise)."""
+    cfg = compose_config(*tiny_overrides(tmp_path, "train.min_steps=30", "train.jitter_p=0"))
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 4
     x = torch.nn.functional.normalize(torch.randn(120, 3, 16, generator=g), dim=-1)
     x[:, 1, :4] += torch.nn.functional.one_hot(y, 4)  # head 1 has something to learn
-    hps = {0: HParams(0.01, 1e-4), 1: HParams(0.1, 1e-2), 2: HParams(0.01, 1e-4)}
-    probes = {}
-    for p in hps:
-        torch.manual_seed(p)
-        probes[p] = LinearProbe(16, 4)
-    groups = []
-    for hp, heads in ((hps[0], [0, 2]), (hps[1], [1])):  # the same initial weights
-        weight = torch.stack([probes[p].head.weight.T for p in heads]).detach().clone()
-        bias = torch.stack([probes[p].head.bias for p in heads]).detach().clone()
-        groups.append(HeadGroup(hp, heads, weight, bias))
-    train_groups(groups, x, y, 4, cfg.train, seed=0)
-    for p, hp in hps.items():
-        fit_probe(probes[p], hp, x[:, p], y, 4, cfg.train, cfg.trainer, seed=0)
-        group = next(gr for gr in groups if p in gr.heads)
-        i = group.heads.index(p)
-        assert torch.allclose(group.weight[i], probes[p].head.weight.T, atol=1e-5)
-        assert torch.allclose(group.bias[i], probes[p].head.bias, atol=1e-5)
+    heads = [(HParams(0.01, 1e-4), 0), (HParams(0.1, 1e-2), 1), (HParams(0.01, 1e-4), 2)]
+    make = lambda hp: LinearProbe(16, 4)
+    bank = fit_bank([hp for hp, _ in heads], make, TokenData(x, y), 4, cfg,
+                    positions=[p for _, p in heads]).bank
+    for i, (hp, p) in enumerate(heads):
+        alone = fit_bank([hp], make, TokenData(x[:, p], y), 4, cfg).bank
+        for name, value in alone.params.items():
+            torch.testing.assert_close(bank.params[name][i], value[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(bank.params["head.weight"][1], make(None).head.weight, atol=1e-2)
 
 
 def song_hsic(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741

@@ -9,34 +9,40 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import compose_config
 from omegaconf import OmegaConf
+from oracle import attention_reference
 from torch import nn
 
+from alfusion.engine import BankStep, TensorSteps, TokenData, fit_bank
+from alfusion.engine.module import grid_slice
 from alfusion.probes import AttentiveProbe, LinearProbe
-from alfusion.probes.bank import (
-    BankTrainer,
-    ProbeBank,
+from alfusion.probes.bank import ProbeBank, fresh_probe
+from alfusion.probes.functional import probe_logits, weighted_loss
+from alfusion.protocol import (
+    MIN_LR,
+    BatchPlan,
+    HParams,
     adamw_step,
+    class_weights,
     clip_per_probe,
     cosine_lrs,
-    fit_bank,
-    fit_grid,
-    fresh_probe,
-    grid_slice,
 )
 from alfusion.random_draws import ProbeStream, StreamDropout, probe_seed
+from alfusion.resume import RunState
 from alfusion.search import run_search
-from alfusion.training import (
-    MIN_LR,
-    FeatureBatches,
-    HParams,
-    class_weights,
-    fit_probe,
-)
 
 TRAIN = OmegaConf.create(dict(batch_size=2048, min_batches=5, epochs=2, min_steps=20,
                               jitter_p=0.5, jitter_sigma=0.05))
-CPU_TRAINER = OmegaConf.create(dict(accelerator="cpu", devices=1, precision="32-true",
-                                    progress_bar=False))
+
+
+def engine_cfg(tmp_path, *overrides: str):
+    """The composed config of a tiny cached run (20-step fits, no progress bars)."""
+    return compose_config("train.min_steps=20", "train.epochs=2", "trainer.progress_bar=false",
+                          f"paths.root={tmp_path}", *overrides)
+
+
+def steps_of(x, y, batch: int, steps: int, seed: int) -> TensorSteps:
+    per_epoch = -(-len(y) // batch)
+    return TensorSteps(x, y, BatchPlan(batch, per_epoch, -(-steps // per_epoch)), seed)
 
 
 def clustered(n: int, shape: tuple[int, ...], classes: int, seed: int = 0):
@@ -60,34 +66,24 @@ def train_alone(make_probe, hp: HParams, x, y, weights, batch: int, steps: int, 
         probe.attn_drop = StreamDropout(stream, hp.dropout)
     opt = torch.optim.AdamW(probe.parameters(), lr=hp.lr, weight_decay=hp.wd, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=MIN_LR)
-    batches, done = FeatureBatches(x, y, batch, seed=seed), 0
-    while done < steps:
-        for xb, yb in batches:
-            xj = jitter_stream.jitter(xb, TRAIN.jitter_p, TRAIN.jitter_sigma)
-            loss = F.cross_entropy(probe(xj), yb, weight=weights)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(probe.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            done += 1
-            if done == steps:
-                break
+    for _, (xb, yb) in zip(range(steps), steps_of(x, y, batch, steps, seed), strict=False):
+        xj = jitter_stream.jitter(xb, TRAIN.jitter_p, TRAIN.jitter_sigma)
+        loss = F.cross_entropy(probe(xj), yb, weight=weights)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(probe.parameters(), 5.0)
+        opt.step()
+        sched.step()
     return probe
 
 
 def train_bank(make_probe, configs, x, y, weights, batch, steps, seed, chunk=None,
                jitter_draws="per_probe"):
-    probes = [fresh_probe(make_probe, hp, seed) for hp in configs]
-    bank = ProbeBank.from_probes(probes, [hp.dropout for hp in configs])
-    trainer = BankTrainer(bank, configs, steps, weights, seed, TRAIN.jitter_p,
-                          TRAIN.jitter_sigma, jitter_draws, chunk=chunk)
-    batches = FeatureBatches(x, y, batch, seed=seed)
-    while trainer.step_count < steps:
-        for xb, yb in batches:
-            trainer.step(xb, yb)
-            if trainer.step_count == steps:
-                break
+    bank = ProbeBank.fresh(make_probe, configs, seed)
+    step = BankStep(bank, configs, steps, weights, seed, TRAIN.jitter_p, TRAIN.jitter_sigma,
+                    jitter_draws=jitter_draws, chunk=chunk)
+    for _, (xb, yb) in zip(range(steps), steps_of(x, y, batch, steps, seed), strict=False):
+        step.step(xb, yb)
     return bank
 
 
@@ -105,9 +101,16 @@ def batch_stat_logits(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(probe, AttentiveProbe):
         return probe(x)
     probe.eval()
-    h = probe.pool(x)
+    h = pooled(probe, x)
     bn = probe.bn
     return probe.head(F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+
+
+def pooled(probe: AttentiveProbe, x: torch.Tensor) -> torch.Tensor:
+    """The attention-pooled vector before BatchNorm (B, D), by the oracle's formulation."""
+    v = probe.v(probe.norm_v(x)).view(*x.shape[:2], probe.num_heads, probe.head_dim)
+    out = torch.einsum("bht,bthe->bhe", attention_reference(probe, x), v)
+    return probe.proj(out.flatten(1))
 
 
 def assert_same_probe(a: nn.Module, b: nn.Module, x: torch.Tensor, dropout: float,
@@ -161,24 +164,25 @@ def test_bank_equals_each_probe_trained_alone(kind, jitter_draws):
         assert not torch.allclose(exported.head.weight, fresh_probe(make, hp, seed).head.weight)
 
 
-@pytest.mark.parametrize("jitter_draws", ["shared", "per_probe"])
-def test_bank_of_one_matches_fit_probe_through_lightning(jitter_draws):
-    """fit_bank with one configuration and fit_probe (Lightning) see the same batches, lr
-    schedule, clipping, jitter draws and dropout masks (random_draws.py): same weights."""
+def test_refit_through_lightning_equals_the_bank_member_bit_for_bit(tmp_path, one_thread):
+    """The refit of a configuration (fit_bank with one configuration, through Lightning) is,
+    bit for bit, that configuration's member of a grid trained on the same samples and seed:
+    the reported model is trained by the arithmetic that selected it."""
     x, y = clustered(100, (6, 16), 4, seed=1)
     make = lambda hp: AttentiveProbe(16, 4, num_heads=4, attn_drop=hp.dropout)
-    hp = HParams(0.01, 1e-3, 0.3)
-    cfg = OmegaConf.merge(TRAIN, dict(jitter_draws=jitter_draws))
-    [banked] = fit_bank([hp], make, x, y, 4, cfg, seed=5)
-    module = fit_probe(fresh_probe(make, hp, 5), hp, x, y, 4, cfg, CPU_TRAINER, seed=5)
-    assert module.fit_info["steps"] == 20
-    assert type(module.probe.attn_drop) is nn.Dropout  # the paper's module again after the fit
-    assert_same_probe(banked, module.probe.eval(), x, hp.dropout)
-    # the draws matter: the other mode's jitter stream gives other weights
-    other_mode = "per_probe" if jitter_draws == "shared" else "shared"
-    [other] = fit_bank([hp], make, x, y, 4, OmegaConf.merge(cfg, dict(jitter_draws=other_mode)),
-                       seed=5)
-    assert not torch.allclose(other.head.weight, module.probe.head.weight, atol=1e-4)
+    configs = [HParams(0.1, 1e-3, 0.3), HParams(0.01, 1e-3, 0.0), HParams(0.1, 1.0, 0.1)]
+    cfg = engine_cfg(tmp_path)
+    grid = fit_bank(configs, make, TokenData(x, y), 4, cfg)
+    assert grid.plan.steps == 20 and grid.losses.shape == (20, 3)
+    for g, hp in enumerate(configs):
+        refit = fit_bank([hp], make, TokenData(x, y), 4, cfg)
+        for name, value in {**grid.bank.params, **grid.bank.buffers}.items():
+            assert torch.equal(value[g], {**refit.bank.params, **refit.bank.buffers}[name][0]), \
+                f"{hp.name} {name}"
+    # the draws matter: the other jitter mode gives other weights
+    other = fit_bank(configs[:1], make, TokenData(x, y), 4,
+                     engine_cfg(tmp_path, "train.jitter_draws=per_probe"))
+    assert not torch.equal(other.bank.params["head.weight"][0], grid.bank.params["head.weight"][0])
 
 
 def test_a_probe_trains_bit_for_bit_alike_in_any_bank():
@@ -245,8 +249,7 @@ def test_bank_loss_separates_probes():
         params["head.weight"][1] *= other_scale
         leaves = {k: v.requires_grad_() for k, v in params.items()}
         buffers = {k: v.clone() for k, v in bank.buffers.items()}
-        from alfusion.probes.bank import bank_logits, bank_loss
-        loss = bank_loss(bank_logits("attentive", bank.spec, leaves, buffers, x, True), y, w)
+        loss = weighted_loss(probe_logits("attentive", bank.spec, leaves, buffers, x, True), y, w)
         return torch.autograd.grad(loss.sum(), leaves["q.weight"])[0][0]
 
     torch.testing.assert_close(grad_of_first(1.0), grad_of_first(7.0))
@@ -263,56 +266,56 @@ def test_grid_slice_covers_every_configuration_once():
         grid_slice(5, 2, 2)
 
 
-def _sharded_worker(rank: int, world: int, store: str, out: str) -> None:
+def _sharded_worker(rank: int, world: int, store: str, out: str, root: str) -> None:
     import torch.distributed as dist
     torch.set_num_threads(1)  # two ranks on two cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         x, y = clustered(40, (12,), 3, seed=2)
         configs = [HParams(lr, wd) for lr in (0.1, 0.01) for wd in (1e-6, 1e-2, 1.0)][:5]
-        probes = fit_grid(configs, lambda hp: LinearProbe(12, 3), x, y, 3, TRAIN, seed=1)
-        torch.save([p.state_dict() for p in probes], f"{out}.{rank}")
+        fit = fit_bank(configs, lambda hp: LinearProbe(12, 3), TokenData(x, y), 3,
+                       engine_cfg(root, "seed=1"))
+        torch.save([fit.bank.state(g) for g in range(5)], f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def test_grid_split_across_two_gloo_ranks_equals_one_bank(tmp_path):
-    """Two CPU ranks (gloo) each train their slice of 5 configurations; after the gather,
-    both hold all 5 probes, equal to the single-process bank."""
+    """Two CPU ranks (gloo) each train their slice of 5 configurations through the engine;
+    after the gather, both hold all 5 probes, equal to the single-process bank."""
     out = str(tmp_path / "probes")
     # fork: the ranks inherit the imported modules (spawn re-imports torch and Lightning).
-    mp.start_processes(_sharded_worker, args=(2, str(tmp_path / "store"), out), nprocs=2,
-                       join=True, start_method="fork")
+    mp.start_processes(_sharded_worker, args=(2, str(tmp_path / "store"), out, str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
     x, y = clustered(40, (12,), 3, seed=2)
     configs = [HParams(lr, wd) for lr in (0.1, 0.01) for wd in (1e-6, 1e-2, 1.0)][:5]
-    whole = fit_bank(configs, lambda hp: LinearProbe(12, 3), x, y, 3, TRAIN, seed=1)
+    whole = fit_bank(configs, lambda hp: LinearProbe(12, 3), TokenData(x, y), 3,
+                     engine_cfg(tmp_path, "seed=1"))
     for rank in range(2):
-        states = torch.load(f"{out}.{rank}")
+        states = torch.load(f"{out}.{rank}", weights_only=True)
         assert len(states) == 5
-        for probe, state in zip(whole, states, strict=True):
-            for k, v in probe.state_dict().items():
+        for g, state in enumerate(states):
+            for k, v in whole.bank.state(g).items():
                 torch.testing.assert_close(state[k], v, atol=1e-6, rtol=1e-5)
 
 
-def test_search_selects_the_same_configuration_with_and_without_bank(tmp_path):
-    """A paper-style grid (3 lr x 2 wd x 2 dropout, attentive probe, jitter on): run_search
-    with the bank and one configuration after another scores every configuration exactly
-    alike and picks the same one; the refit is the same seeded Lightning fit either way."""
+def test_search_refits_the_chosen_configuration_as_its_bank_member(tmp_path, one_thread):
+    """A paper-style grid (3 lr x 2 wd x 2 dropout, attentive probe, jitter on) through
+    run_search: the grid is not a tie, and the reported model is bit for bit the chosen
+    configuration's member of a bank trained on the refit's samples (all of train)."""
     x, y = clustered(150, (6, 16), 5, seed=4)
     xt, yt = clustered(60, (6, 16), 5, seed=4)
     make = lambda hp: AttentiveProbe(16, 5, num_heads=6, attn_drop=hp.dropout)
     configs = [HParams(lr, wd, d) for lr in (0.1, 0.01, 0.001) for wd in (1e-4, 1.0)
                for d in (0.0, 0.3)]
-    results = {}
-    for bank in (True, False):
-        cfg = compose_config("search=paper", f"search.bank={str(bank).lower()}",
-                             "train.min_steps=30", "train.epochs=1",
-                             "trainer.progress_bar=false", f"paths.root={tmp_path}")
-        results[bank] = run_search(make, configs, (x, y), (xt, yt), 5, cfg)
-    a, b = results[True], results[False]
-    assert a.best == b.best
-    scores_a = np.array([g["bal_acc"] for g in a.grid])
-    scores_b = np.array([g["bal_acc"] for g in b.grid])
-    assert scores_a.max() - scores_a.min() > 0.05  # the grid is not a tie
-    np.testing.assert_array_equal(scores_a, scores_b)
-    assert a.test["bal_acc"] == b.test["bal_acc"]
+    cfg = engine_cfg(tmp_path, "search=paper", "train.min_steps=30", "train.epochs=1")
+    state = RunState(tmp_path, dict(stages={}, finished=False))
+    result = run_search(make, configs, TokenData(x, y), TokenData(xt, yt), 5, cfg, state)
+    scores = np.array([g["bal_acc"] for g in result.grid])
+    assert scores.max() - scores.min() > 0.05  # the grid is not a tie
+    assert result.best == configs[int(np.argmax(scores))]
+    assert state.stage("grid") is not None  # the grid's scores are a finished stage
+    whole = fit_bank(configs, make, TokenData(x, y), 5, cfg)
+    g = configs.index(result.best)
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(value, whole.bank.state(g)[name]), name

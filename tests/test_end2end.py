@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import mlflow
@@ -11,12 +10,12 @@ import torch
 from conftest import compose_config, run_cli, tiny_overrides
 
 from alfusion.backbones import build_backbone
-from alfusion.data import build_dataset
-from alfusion.end2end import TokenEncoder, state_checksum
-from alfusion.end2end_run import fit_images
-from alfusion.image_data import eval_loader, predict_images
-from alfusion.probes import build_probe, build_token_set
-from alfusion.training import HParams, fit_probe, predict
+from alfusion.end2end.encoder import state_checksum
+from alfusion.end2end.run import build_encoder, image_inputs
+from alfusion.engine import TokenData
+from alfusion.experiment import probe_factory, split_tokens
+from alfusion.resume import RunState
+from alfusion.search import expand_grid, run_search
 
 E2E = ["mode=end2end", "search.validate=false", "end2end.num_workers=1"]
 
@@ -32,7 +31,7 @@ def test_end2end_alf_and_finetune_through_the_cli(tmp_path):
     as FINISHED MLflow runs with test metrics."""
     alf_dir, ft_dir = tmp_path / "alf", tmp_path / "ft"
     run_cli(*tiny_overrides(tmp_path, *E2E, f"hydra.run.dir={alf_dir}"))
-    run_cli(*tiny_overrides(tmp_path, "probe=finetune", "search.validate=false",
+    run_cli(*tiny_overrides(tmp_path, "probe=finetune", "mode=finetune", "search.validate=false",
                             "end2end.num_workers=0", f"hydra.run.dir={ft_dir}"))
     runs = {r.data.tags["mlflow.runName"].split("/")[-1]: r for r in finished_runs(tmp_path)}
     assert sorted(runs) == ["alf", "finetune"]
@@ -50,59 +49,53 @@ def test_end2end_alf_and_finetune_through_the_cli(tmp_path):
     assert ft["backbone_checksum"]["end"] != pristine
     assert runs["finetune"].data.tags["backbone_sha256_end"] == ft["backbone_checksum"]["end"]
     # The saved fine-tuned backbone is the changed one.
-    saved = torch.load(ft_dir / "probe.pt", weights_only=False)
+    saved = torch.load(ft_dir / "probe.pt", weights_only=True)
     backbone = build_backbone(compose_config("backbone=tiny_vit").backbone)[0]
     backbone.load_state_dict(saved["backbone_state_dict"])
     assert state_checksum(backbone) == ft["backbone_checksum"]["end"]
+    # task=evaluate scores the fine-tuned probe with its fine-tuned backbone, end to end
+    run_cli("task=evaluate", f"probe_path={ft_dir / 'probe.pt'}", f"paths.root={tmp_path}",
+            f"hydra.run.dir={tmp_path}/evaluate")
+    evaluation = json.loads((tmp_path / "evaluate/evaluation.json").read_text())
+    assert evaluation["mode"] == "finetune"
+    assert evaluation["test"] == pytest.approx(ft["test"], abs=1e-9)
 
 
-def fp32_tokens(encoder: TokenEncoder, dataset) -> torch.Tensor:
-    """What the cache stores for a split, before its fp16 rounding: (N, T, D) fp32."""
-    loader = eval_loader(dataset, 64, 0)
-    with torch.no_grad():
-        return torch.cat([encoder.eval()(images) for images, _ in loader])
-
-
-# The ALF probe's Linear bias before its BatchNorm (and LN_v's bias, which feeds it a constant)
-# get no true gradient: Adam turns float round-off into steps along them (and the BN running
-# mean follows), so two equal trainings drift apart there without changing the function.
-# LN_k's bias cancels in the softmax and is never used.
-NULL_SPACE = ("proj.bias", "norm_v.bias", "norm_k.bias", "bn.running_mean", "bn.running_var")
-
-
-@pytest.mark.parametrize("probe_name", ["alf", "linear"])
-def test_cached_and_end2end_training_give_the_same_probe(tmp_path, probe_name):
-    """Same probe init, data, seed and batch order, jitter off, fp32: cached mode's trainer on
-    stored tokens and end-to-end training through the backbone give the same probe."""
-    cfg = compose_config(*tiny_overrides(tmp_path, f"probe={probe_name}", "mode=end2end",
-                                         "end2end.jitter=off", "train.jitter_p=0",
+def test_cached_and_end2end_searches_select_alike(tmp_path, one_thread):
+    """The same frozen backbone, grid (search=quick), seed, batches and per-sample jitter
+    draws: the search on the cached (fp16) tokens and the search with the backbone inside the
+    step score every configuration alike up to the cache's rounding, and pick the same one."""
+    cfg = compose_config(*tiny_overrides(tmp_path, "search=quick", "search.lr=[0.1,0.0001]",
+                                         "train.min_steps=40", "end2end.jitter=per_sample",
                                          "end2end.num_workers=0", "train.batch_size=256",
-                                         "end2end.batch_size=256"))
-    backbone, transform = build_backbone(cfg.backbone)
-    token_set = build_token_set(cfg.probe, len(backbone.dims))
-    encoder = TokenEncoder(backbone, token_set)
-    train = build_dataset(cfg.dataset, "train", transform)
-    test = build_dataset(cfg.dataset, "test", transform)
-    x, x_test = fp32_tokens(encoder, train), fp32_tokens(encoder, test)
-    y = torch.as_tensor(train.labels).long()
-    hp = HParams(lr=0.01, wd=1e-4)
-    torch.manual_seed(0)
-    probe = build_probe(cfg.probe, token_set, backbone.dims, 10, x.shape[1] if x.dim() == 3
-                        else None)
-    cached = fit_probe(copy.deepcopy(probe), hp, x, y, 10, cfg.train, cfg.trainer, cfg.seed)
-    e2e = fit_images(cfg, encoder, copy.deepcopy(probe), hp, train, y, 10)
-    assert e2e.fit_info["steps"] == cached.fit_info["steps"] >= 20
-
-    start, a, b = probe.state_dict(), cached.probe.state_dict(), e2e.probe.state_dict()
-    for name in a:
-        if name in NULL_SPACE or not a[name].is_floating_point():
-            continue
-        moved = (a[name] - start[name]).abs().max().item()
-        assert moved > 0, name
-        assert (a[name] - b[name]).abs().max().item() <= 0.02 * moved + 1e-6, name
-    cached_logits = predict(cached.probe, x_test)
-    e2e_logits = predict_images(e2e, eval_loader(test, 64, 0))[0]
-    if probe_name == "linear":  # no BatchNorm, no null space: the logits agree outright
-        torch.testing.assert_close(e2e_logits, cached_logits, rtol=1e-4, atol=1e-4)
-    agree = (cached_logits.argmax(1) == e2e_logits.argmax(1)).float().mean().item()
-    assert agree >= 0.9, agree
+                                         "end2end.batch_size=256", "train.checkpoint_every=0"))
+    device = torch.device("cpu")
+    x, y, token_set, entry = split_tokens(cfg, "train", device)
+    x_test, y_test, _, _ = split_tokens(cfg, "test", device)
+    make = probe_factory(cfg, token_set, entry.dims, 10, x.shape[1])
+    configs = expand_grid(cfg.search, attentive=True)
+    results = {}
+    for mode, train, test in [("cached", TokenData(x, y), TokenData(x_test, y_test)),
+                              ("end2end", None, None)]:
+        run_cfg = compose_config(*tiny_overrides(tmp_path, f"mode={mode}", "search=quick",
+                                                 "search.lr=[0.1,0.0001]", "train.min_steps=40",
+                                                 "end2end.jitter=per_sample",
+                                                 "end2end.num_workers=0", "train.batch_size=256",
+                                                 "end2end.batch_size=256",
+                                                 "train.checkpoint_every=0"))
+        if train is None:
+            encoder, eval_tf = build_encoder(run_cfg)
+            inputs = image_inputs(run_cfg, encoder, eval_tf, device)
+            train, test = inputs.train, inputs.test
+            assert torch.equal(train.labels, y.cpu())
+        (tmp_path / mode).mkdir()
+        state = RunState(tmp_path / mode, dict(stages={}, finished=False))
+        results[mode] = run_search(make, configs, train, test, 10, run_cfg, state)
+    cached, e2e = results["cached"], results["end2end"]
+    assert e2e.best == cached.best and e2e.steps == cached.steps >= 20
+    scores = [[row["bal_acc"] for row in r.grid] for r in (cached, e2e)]
+    assert len(set(scores[0])) > 1  # not a tie
+    # 12 validation images: the fp16 rounding of the cache may flip one near-tie image
+    # (0.05 to 0.1 of balanced accuracy here); the selection is the same
+    assert scores[0] == pytest.approx(scores[1], abs=0.1)
+    assert e2e.test["bal_acc"] == pytest.approx(cached.test["bal_acc"], abs=0.1)

@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader
 from alfusion.backbones import build_backbone
 from alfusion.data import build_dataset
 from alfusion.data.wds_writer import write_digits_wds
-from alfusion.distributed import RankSlice, batches_per_epoch
-from alfusion.end2end import TokenEncoder
-from alfusion.end2end_run import fit_images, run_end2end
-from alfusion.image_data import augment_transform
+from alfusion.distributed import RankSlice
+from alfusion.end2end.encoder import TokenEncoder
+from alfusion.end2end.images import augment_transform
+from alfusion.engine import ImageData, fit_bank
+from alfusion.experiment import run_train
 from alfusion.probes import build_probe, build_token_set
+from alfusion.protocol import HParams
 from alfusion.resume import ENV_RESUME_DIR, open_run_state
-from alfusion.training import HParams
 
 E2E = ["mode=end2end", "search.validate=false", "end2end.num_workers=0"]
 
@@ -61,7 +62,7 @@ def test_streamed_end2end_refuses_splits_before_reading_the_data(tmp_path, monke
     cfg = compose_config(*tiny_overrides(tmp_path, *E2E, "logger=none", "dataset=wds",
                                          f"dataset.root={shards}", override))
     with pytest.raises(ValueError, match="a streamed dataset cannot be split") as info:
-        run_end2end(cfg, tmp_path)
+        run_train(cfg, tmp_path)
     assert "search.validate=false" in str(info.value)
 
 
@@ -79,7 +80,7 @@ def test_rank_slices_give_equal_batch_counts_through_worker_loaders(tmp_path):
     cfg = compose_config("dataset=wds", f"dataset.root={shards}").dataset
     source = build_dataset(cfg, "train", lambda image: torch.zeros(1))
     labels = [y for _, y in build_dataset(cfg, "train", None)]
-    per_epoch = batches_per_epoch(50, 8, 2)
+    per_epoch = 7  # 25 samples per rank in batches of 4
     seen = []
     for rank in (0, 1):
         batches = rank_batches(source, 50, rank, 2, 4)
@@ -148,7 +149,7 @@ def finetune_encoder(cfg) -> tuple[TokenEncoder, object]:
 
 
 def test_grad_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients(one_thread):
-    cfg = compose_config("backbone=tiny_vit", "probe=finetune", "dataset.limit=8")
+    cfg = compose_config("backbone=tiny_vit", "probe=finetune", "mode=finetune", "dataset.limit=8")
     encoder, transform = finetune_encoder(cfg)
     encoder.train()
     torch.manual_seed(0)
@@ -187,20 +188,18 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients(one_t
 def test_every_finetuning_fit_starts_from_the_pretrained_backbone(tmp_path, one_thread):
     """Two fits with one encoder (a validation fit, then the final fit) end alike: the second
     starts from the pretrained weights, not from the first fit's fine-tuned ones."""
-    cfg = compose_config(*tiny_overrides(tmp_path, "probe=finetune", "mode=end2end",
+    cfg = compose_config(*tiny_overrides(tmp_path, "probe=finetune", "mode=finetune",
                                          "end2end.num_workers=0", "dataset.limit=40",
                                          "train.min_steps=10", "train.epochs=1"))
     encoder, transform = finetune_encoder(cfg)
     pristine = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
     data = build_dataset(cfg.dataset, "train", transform)
-    y = torch.as_tensor(data.labels).long()
-    hp = HParams(lr=0.01, wd=1e-4)
+    images = ImageData(data, data, torch.as_tensor(data.labels).long(), encoder, cfg.end2end)
+    make = lambda hp: build_probe(cfg.probe, encoder.token_set, encoder.backbone.dims, 10, None)
 
     def fit() -> dict:
-        torch.manual_seed(0)
-        probe = build_probe(cfg.probe, encoder.token_set, encoder.backbone.dims, 10, None)
-        module = fit_images(cfg, encoder, probe, hp, data, y, 10)
-        assert module.fit_info["steps"] == 10
+        result = fit_bank([HParams(lr=0.01, wd=1e-4)], make, images, 10, cfg, trainable=True)
+        assert result.plan.steps == 10
         return {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
 
     first, second = fit(), fit()
@@ -214,15 +213,15 @@ def test_every_finetuning_fit_starts_from_the_pretrained_backbone(tmp_path, one_
 
 # --- ckpt_path ----------------------------------------------------------------------------------
 
-# 6 epochs of 5 steps, a checkpoint after each; jitter on (its draws are a function of the step).
-RESUME = [*E2E, "train.min_steps=30"]
+# 6 epochs of 5 steps, a checkpoint every 5 steps; jitter on (its streams are checkpointed).
+RESUME = [*E2E, "train.min_steps=30", "train.checkpoint_every=5"]
 
 
 def kill_after_first_checkpoint(root) -> str:
     """Start a run, SIGKILL it once its first checkpoint exists; the checkpoint's path."""
     ckpt = kill_at_first_checkpoint(
         root / "run", *tiny_overrides(root, *RESUME, f"hydra.run.dir={root}/run"))
-    step = torch.load(ckpt, weights_only=False)["global_step"]
+    step = torch.load(ckpt, weights_only=True)["step"]["step_count"]
     assert 0 < step < 30, step
     return str(ckpt)
 
@@ -269,6 +268,6 @@ def test_a_missing_or_foreign_ckpt_path_is_refused_with_the_fix(tmp_path, monkey
     stage = run_dir / "checkpoints/final"
     stage.mkdir(parents=True)
     torch.save({"weights": torch.zeros(2)}, stage / "other.ckpt")
-    assert "is not a Lightning checkpoint" in refused(stage / "other.ckpt")
+    assert "is not an alfusion engine checkpoint" in refused(stage / "other.ckpt")
     (stage / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
-    assert "cannot be read as a checkpoint" in refused(stage / "cut.ckpt")
+    assert "cannot be read as tensors and plain data" in refused(stage / "cut.ckpt")

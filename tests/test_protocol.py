@@ -1,7 +1,7 @@
-"""docs/protocol.md (training) on concrete numbers: class weights, batch shrinking, the
-1000-step minimum, jitter, optimiser and schedule, metrics; a diverging run fails its MLflow
-run; the same CLI command twice gives the same results, and a saved probe evaluates again
-without training.
+"""docs/protocol.md (training, metrics) on concrete numbers: class weights, batch
+shrinking, the 1000-step minimum, jitter, optimiser and schedule, metrics; a diverging run
+fails its MLflow run; the same CLI command twice gives the same results, and a saved probe
+evaluates again without training.
 
 Expected numbers are worked out by hand from the rules in docs/protocol.md, not from the code.
 """
@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import json
 import math
+import tokenize
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from conftest import compose_config, run_cli, tiny_overrides
-from sklearn.metrics import balanced_accuracy_score
 
+from alfusion.engine import TensorSteps, TokenData, fit_bank
 from alfusion.experiment import run_train
-from alfusion.metrics import classification_metrics
 from alfusion.probes import LinearProbe
-from alfusion.training import (
+from alfusion.protocol import (
+    BETAS,
+    CLIP_NORM,
     MIN_LR,
+    BatchPlan,
     HParams,
     NonFiniteLoss,
-    ProbeModule,
-    batch_size_for,
+    batch_plan,
     class_weights,
-    epochs_for,
-    fit_probe,
-    jitter,
-    make_trainer,
+    clip_per_probe,
+    cosine_lrs,
 )
+from alfusion.random_draws import ProbeStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,39 +70,45 @@ def test_class_weights_are_n_over_k_times_class_count(labels, num_classes, expec
     (20_000, 2048, 10, 100, 1000),
     # 2048 leaves 1696: 49 batches x 40 epochs = 1960 steps (already >= 1000)
     (100_000, 2048, 49, 40, 1960),
-    # 13 // 5 = 2 leaves 1 = half of 2: 7 batches, ceil(1000 / 7) = 143 epochs
-    (13, 2, 7, 143, 1001),
+    # 13 // 5 = 2 leaves a last batch of 1 (the paper's rule), on which BatchNorm cannot
+    # train: the smallest batch >= 2 leaving no batch of one is 5 (5, 5, 3): 334 epochs
+    (13, 5, 3, 334, 1002),
+    # fewer than 10 samples (the paper's rule gives batch 1): 6 -> batches of 2
+    (6, 2, 3, 334, 1002),
+    # 5 -> 2 would leave one sample; 3 leaves 2
+    (5, 3, 2, 500, 1000),
 ])
 def test_batch_shrink_rule_and_thousand_step_minimum(n, batch, batches, epochs, steps):
-    assert batch_size_for(n, 2048, 5) == batch
-    assert math.ceil(n / batch) == batches
-    assert epochs_for(n, batch, 40, 1000) == epochs
-    assert batches * epochs == steps
+    plan = batch_plan(n, 2048, 5, 40, 1000)
+    assert plan == BatchPlan(batch, batches, epochs)
+    assert math.ceil(n / batch) == batches and plan.steps == steps
 
 
-def test_a_real_fit_takes_the_rule_s_batches_and_steps_and_ends_at_min_lr():
-    """13 samples, 2 epochs raised to >= 20 steps: batch 2 (7 per epoch), 3 epochs, 21 steps."""
-    cfg = compose_config("train.epochs=2", "train.min_steps=20", "trainer.progress_bar=false")
+def test_a_fit_needs_two_samples():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        batch_plan(1, 2048, 5, 40, 1000)
+
+
+def test_a_real_fit_takes_the_rule_s_batches_and_steps(tmp_path):
+    """13 samples, 2 epochs raised to >= 20 steps: batches of 5, 5, 3, 7 epochs, 21 steps."""
+    cfg = compose_config("train.epochs=2", "train.min_steps=20", "trainer.progress_bar=false",
+                         f"paths.root={tmp_path}")
     x = torch.nn.functional.normalize(torch.randn(13, 8, generator=torch.Generator()
                                                   .manual_seed(0)), dim=-1)
     y = torch.tensor([0, 1, 2] * 4 + [0])
-    probe = LinearProbe(8, 3)
-    sizes = []
-    probe.register_forward_hook(lambda m, inp, out: sizes.append(len(inp[0])) if m.training
-                                else None)
-    module = fit_probe(probe, HParams(0.01, 1e-4), x, y, 3, cfg.train, cfg.trainer, seed=0)
-    assert module.fit_info == dict(steps=21, batch_size=2, samples=13)
-    assert sizes == [2, 2, 2, 2, 2, 2, 1] * 3
-    torch.testing.assert_close(module.class_weights, torch.tensor([13 / 15, 13 / 12, 13 / 12]))
-    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(MIN_LR)
+    fit = fit_bank([HParams(0.01, 1e-4)], lambda hp: LinearProbe(8, 3), TokenData(x, y), 3, cfg)
+    assert fit.plan == BatchPlan(5, 3, 7) and fit.losses.shape == (21, 1)
+    assert bool(torch.isfinite(fit.losses).all()) and fit.failures == {}
+    sizes = [len(yb) for _, yb in TensorSteps(x, y, fit.plan, seed=0)]
+    assert sizes == [5, 5, 3] * 7
+    torch.testing.assert_close(class_weights(y, 3), torch.tensor([13 / 15, 13 / 12, 13 / 12]))
 
 
 # --------------------------------------------------------- jitter, optimiser, schedule, clip
 
 def test_jitter_noises_half_of_the_samples_whole_with_sigma_0_05():
-    torch.manual_seed(0)
     x = torch.zeros(4000, 3, 8)
-    out = jitter(x, 0.5, 0.05)
+    out = ProbeStream(0).jitter(x, 0.5, 0.05)
     touched = (out != 0).flatten(1)
     per_sample = touched.any(dim=1)
     assert torch.equal(touched.all(dim=1), per_sample)  # a noised sample is noised everywhere
@@ -108,55 +116,30 @@ def test_jitter_noises_half_of_the_samples_whole_with_sigma_0_05():
     assert out[per_sample].std().item() == pytest.approx(0.05, rel=0.02)
 
 
-def test_adamw_on_all_parameters_and_per_step_cosine_to_1e_6_without_warmup():
-    probe = LinearProbe(16, 4)
-    module = ProbeModule(probe, HParams(0.01, 0.1), total_steps=100, weights=torch.ones(4))
-    setup = module.configure_optimizers()
-    opt, sched = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
-    assert isinstance(opt, torch.optim.AdamW) and setup["lr_scheduler"]["interval"] == "step"
-    (group,) = opt.param_groups
-    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.1
-    assert {id(p) for p in group["params"]} == {id(p) for p in probe.parameters()}
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+def test_end_to_end_jitter_flips_one_coin_per_batch():
+    stream = ProbeStream(1)
+    outs = [stream.jitter(torch.zeros(16, 4), 0.5, 0.05, "per_batch") for _ in range(200)]
+    whole = [bool((o != 0).all()) for o in outs]
+    none = [bool((o == 0).all()) for o in outs]
+    assert all(w or n for w, n in zip(whole, none, strict=True))  # all or nothing per batch
+    assert 0.35 < sum(whole) / len(whole) < 0.65
+
+
+def test_adamw_constants_and_per_step_cosine_to_1e_6_without_warmup():
+    assert BETAS == (0.9, 0.999) and CLIP_NORM == 5.0 and MIN_LR == 1e-6
+    lrs = cosine_lrs([0.01], 100)[:, 0].tolist()
     assert lrs[0] == 0.01  # no warm-up
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert lrs[50] == pytest.approx((0.01 + 1e-6) / 2)  # half-way down the cosine
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
+    # the last step is one cosine step above the floor, reached when the schedule ends
+    assert lrs[-1] == pytest.approx(1e-6 + (0.01 - 1e-6) * (1 + math.cos(math.pi * 0.99)) / 2)
 
 
-def test_gradient_norm_is_clipped_at_5():
-    trainer = make_trainer(compose_config("trainer.progress_bar=false").trainer, max_steps=10)
-    assert trainer.gradient_clip_val == 5.0
-    assert str(trainer.gradient_clip_algorithm.value) == "norm"
-
-
-# ---------------------------------------------------------------------------------- metrics
-
-def test_balanced_accuracy_is_over_present_classes_and_recall_is_none_for_absent():
-    # C = 4, class 3 absent from the targets but predicted once
-    targets = torch.tensor([0, 0, 1, 1, 2, 2])
-    preds = torch.tensor([0, 1, 1, 3, 2, 0])
-    logits = torch.nn.functional.one_hot(preds, 4).float()
-    m = classification_metrics(logits, targets, 4)
-    assert m["per_class_recall"] == [0.5, 0.5, 0.5, None]
-    assert m["bal_acc"] == pytest.approx(0.5)  # (1/2 + 1/2 + 1/2) / 3, not / 4
-    assert m["acc1"] == pytest.approx(0.5)
-    assert "acc5" not in m  # fewer than 5 classes
-    assert m["bal_acc"] == pytest.approx(balanced_accuracy_score(targets, preds))
-    json.dumps(m, allow_nan=False)  # valid JSON for results files
-
-
-def test_top5_counts_the_true_class_among_the_five_highest_logits():
-    # C = 6; the true class is ranked 1st, 5th and 6th: top-1 = 1/3, top-5 = 2/3
-    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]])
-    m = classification_metrics(logits, torch.tensor([0, 4, 5]), 6)
-    assert m["acc1"] == pytest.approx(1 / 3) and m["acc5"] == pytest.approx(2 / 3)
-    assert m["bal_acc"] == pytest.approx(1 / 3)  # classes 0, 4, 5 present: (1 + 0 + 0) / 3
-    assert m["per_class_recall"] == [1.0, None, None, None, 0.0, 0.0]
+def test_gradient_norm_is_clipped_at_5_per_probe():
+    grads = [torch.tensor([[30.0, 40.0], [0.3, 0.4]])]  # probe norms 50 and 0.5
+    norms = clip_per_probe(grads)
+    assert norms.tolist() == pytest.approx([50.0, 0.5])
+    assert grads[0].tolist() == [pytest.approx([3.0, 4.0], rel=1e-5), pytest.approx([0.3, 0.4])]
 
 
 # ---------------------------------------------------------------- failures, determinism, CLI
@@ -198,16 +181,16 @@ def test_the_same_command_twice_gives_the_same_results(two_runs):
     first, second = (json.loads((d / "results.json").read_text()) for _, d in two_runs)
     assert first["test"] == second["test"] and first["val"] == second["val"]
     assert first["grid"] == second["grid"] and first["chosen"] == second["chosen"]
-    assert first["steps"] == second["steps"]
-    a, b = (torch.load(d / "probe.pt", weights_only=False)["state_dict"] for _, d in two_runs)
+    assert first["fit"] == second["fit"]
+    a, b = (torch.load(d / "probe.pt", weights_only=True)["state_dict"] for _, d in two_runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_run_logs_choice_metrics_timings_and_results(two_runs):
     root, run_dir = two_runs[0]
     results = json.loads((run_dir / "results.json").read_text())
-    assert len(results["grid"]) == 4  # quick: 2 lr x 2 wd, one dropout
-    assert results["fit_samples"] == 60 and results["num_classes"] == 10
+    assert len(results["grid"]) == 3  # quick: 3 lr x 1 wd, one dropout
+    assert results["fit"]["samples"] == 60 and results["num_classes"] == 10
     recall = json.loads((run_dir / "per_class_recall.json").read_text())
     assert len(recall["test"]) == len(recall["val"]) == 10
     (run,) = mlflow_runs(root)
@@ -215,7 +198,7 @@ def test_a_run_logs_choice_metrics_timings_and_results(two_runs):
     assert {k: float(v) for k, v in run.data.params.items() if k.startswith("chosen/")} == {
         f"chosen/{k}": float(v) for k, v in results["chosen"].items()}
     metrics = run.data.metrics
-    assert metrics["fit/steps"] == results["steps"] and metrics["fit/samples"] == 60
+    assert metrics["fit/steps"] == results["fit"]["steps"] and metrics["fit/samples"] == 60
     assert metrics["probe/params"] == results["probe_params"]
     assert metrics["test/bal_acc"] == pytest.approx(results["test"]["bal_acc"])
     for key in ("val/bal_acc", "val/acc1", "val/acc5", "test/acc5", "time/search_s",
@@ -234,3 +217,22 @@ def test_evaluate_reproduces_the_test_metrics_of_a_saved_probe_without_training(
     (evaluation,) = root.glob("runs/*/evaluation.json")
     results = json.loads((run_dir / "results.json").read_text())
     assert json.loads(evaluation.read_text())["test"] == pytest.approx(results["test"])
+
+
+def test_the_recipe_is_defined_once():
+    """No code outside protocol.py builds an optimiser, a schedule, a clipping rule or a
+    batch plan: every fit takes them from there (docstrings may name them)."""
+    package = Path(__file__).resolve().parents[1] / "alfusion"
+    needles = ("torch.optim.", "lr_scheduler", "clip_grad_norm_", "gradient_clip_val",
+               "def batch_size_for", "def batch_plan", "def cosine_lrs", "def adamw_step")
+    found = {}
+    for path in package.rglob("*.py"):
+        with path.open("rb") as f:  # the code without its comments and strings
+            code = " ".join(t.string for t in tokenize.tokenize(f.readline)
+                            if t.type not in (tokenize.COMMENT, tokenize.STRING))
+        code = code.replace(" . ", ".").replace(" .", ".").replace(". ", ".")
+        for needle in needles:
+            if needle in code:
+                found.setdefault(needle, []).append(path.relative_to(package).as_posix())
+    assert found == {"def batch_size_for": ["protocol.py"], "def batch_plan": ["protocol.py"],
+                     "def cosine_lrs": ["protocol.py"], "def adamw_step": ["protocol.py"]}

@@ -1,14 +1,14 @@
-"""The search of docs/protocol.md (search) on synthetic per-layer features (no backbone):
-which probe can find an intermediate layer's signal, selection on validation, refit on all of train,
+"""The search (docs/protocol.md, search) on synthetic per-layer features (no backbone): which
+probe can find an intermediate layer's signal, selection on validation, refit on all of train,
 few-shot without validation samples, diverged configurations.
 
-Everything goes through ``run_search`` (hence whichever ``train_grid`` is active) with the real
-composed configs; fits are short (fixed seeds, CPU).
+Everything goes through ``run_search`` and the engine with the real composed configs; fits are
+short (fixed seeds, CPU).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -16,9 +16,11 @@ import torch
 from conftest import compose_config
 from sklearn.metrics import balanced_accuracy_score
 
+from alfusion.engine import TokenData, fit_bank
 from alfusion.probes import build_probe, build_token_set
+from alfusion.protocol import HParams, NonFiniteLoss
+from alfusion.resume import RunState
 from alfusion.search import expand_grid, run_search, stratified_split
-from alfusion.training import HParams, NonFiniteLoss, fit_probe, predict
 
 NUM_LAYERS, DIM, CLASSES = 4, 32, 4
 
@@ -26,23 +28,35 @@ NUM_LAYERS, DIM, CLASSES = 4, 32, 4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def recording_factory(make, x):
-    """(probe factory, seen): seen[id(probe)] collects the rows of x that the probe's
-    training forwards saw (selection fits in a ProbeBank do not call the probe's forward)."""
-    row_of = {x[i].numpy().tobytes(): i for i in range(len(x))}
-    assert len(row_of) == len(x)
-    seen = defaultdict(set)
+@dataclass
+class RecordingData(TokenData):
+    """TokenData that records, for every fit in order, the rows of the full x its training
+    batches held (``fits``, shared by its subsets)."""
 
-    def make_recorded(hp):
-        probe = make(hp)
+    fits: list = field(default_factory=list)
+    row_of: dict = field(default_factory=dict)
 
-        def record(module, inputs, _output):
-            if module.training:
-                seen[id(module)].update(row_of[r.numpy().tobytes()] for r in inputs[0])
-        probe.register_forward_hook(record)
-        return probe
+    def __post_init__(self) -> None:
+        self.row_of = self.row_of or {self.x[i].numpy().tobytes(): i for i in range(len(self.x))}
 
-    return make_recorded, seen
+    def subset(self, idx):
+        part = super().subset(idx)
+        return RecordingData(part.x, part.y, self.fits, self.row_of)
+
+    def steps(self, *args, **kwargs):
+        rows = set()
+        self.fits.append(rows)
+        for xb, yb in super().steps(*args, **kwargs):
+            rows.update(self.row_of[r.numpy().tobytes()] for r in xb)
+            yield xb, yb
+
+
+def search(make, configs, x, y, cfg, tmp_path, train=None):
+    """run_search on (x, y) for train and test, its stages in a fresh RunState."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    state = RunState(tmp_path, dict(stages={}, finished=False))
+    return run_search(make, configs, train or TokenData(x, y), TokenData(x, y), CLASSES, cfg,
+                      state)
 
 
 def synthetic_layers(n: int, signal_layer: int, noise: float, seed: int):
@@ -63,7 +77,7 @@ def synthetic_layers(n: int, signal_layer: int, noise: float, seed: int):
 def experiment(probe: str, *overrides: str):
     """The composed config of a short fit: 2 epochs raised to ``train.min_steps``."""
     return compose_config(f"probe={probe}", "search=none", "train.epochs=2",
-                          "trainer.progress_bar=false", *overrides)
+                          "trainer.progress_bar=false", "train.checkpoint_every=0", *overrides)
 
 
 def tokens_and_factory(cfg, cls, ap, dims=None):
@@ -82,7 +96,7 @@ def tokens_and_factory(cfg, cls, ap, dims=None):
     (2, "alf", True), (2, "linear_concat", True), (2, "linear", False),
     (4, "alf", True), (4, "linear_concat", True), (4, "linear", True),
 ])
-def test_which_probe_finds_the_signal(signal_layer, probe, succeeds):
+def test_which_probe_finds_the_signal(signal_layer, probe, succeeds, tmp_path):
     """Label in layer 2's CLS only: ALF and the concatenation find it, the last-layer CLS
     probe is at chance. Label in the last layer's CLS: all three succeed."""
     cfg = experiment(probe, "search.validate=false", "train.min_steps=200")
@@ -90,7 +104,9 @@ def test_which_probe_finds_the_signal(signal_layer, probe, succeeds):
     cls_test, ap_test, y_test = synthetic_layers(200, signal_layer, noise=0.5, seed=1)
     token_set, x, make = tokens_and_factory(cfg, cls, ap)
     x_test = token_set(cls_test, ap_test, None, [DIM] * NUM_LAYERS)
-    result = run_search(make, [HParams(0.01, 1e-4)], (x, y), (x_test, y_test), CLASSES, cfg)
+    state = RunState(tmp_path, dict(stages={}, finished=False))
+    result = run_search(make, [HParams(0.01, 1e-4)], TokenData(x, y), TokenData(x_test, y_test),
+                        CLASSES, cfg, state)
     bal_acc = result.test["bal_acc"]
     if succeeds:
         assert bal_acc > 0.9
@@ -98,68 +114,65 @@ def test_which_probe_finds_the_signal(signal_layer, probe, succeeds):
         assert abs(bal_acc - 1 / CLASSES) < 0.12  # chance is 0.25
 
 
-def test_selection_picks_the_best_validation_score_and_refits_on_all_of_train():
+def test_selection_picks_the_best_validation_score_and_refits_on_all_of_train(tmp_path):
     cfg = experiment("alf", "train.min_steps=60", "train.jitter_p=0")  # jitter off: exact rows
     cls, ap, y = synthetic_layers(400, 2, noise=1.2, seed=0)
     _, x, make = tokens_and_factory(cfg, cls, ap)
-    make_recorded, seen = recording_factory(make, x)
+    data = RecordingData(x, y)
 
     # the best configuration is not the first: ties would not make this pass by accident
     configs = [HParams(1e-5, 1e-4), HParams(1e-2, 1e-4), HParams(1e-4, 1e-2)]
-    result = run_search(make_recorded, configs, (x, y), (x, y), CLASSES, cfg)
+    result = search(make, configs, x, y, cfg, tmp_path / "run", train=data)
 
-    # re-score every configuration independently: its own fit on the 80 % part, sklearn's
-    # balanced accuracy on the held-out 20 %
+    # re-score every configuration independently: its own engine fit on the 80 % part,
+    # sklearn's balanced accuracy on the held-out 20 %
     fit_idx, val_idx = stratified_split(y, 0.2, 0)
     assert len(val_idx) == 80 and np.bincount(y[val_idx].numpy()).tolist() == [20] * 4
     rescored = []
     for hp in configs:
-        torch.manual_seed(cfg.seed)  # every probe starts from the weights the run seed gives
-        module = fit_probe(make(hp), hp, x[fit_idx], y[fit_idx], CLASSES, cfg.train,
-                           cfg.trainer, cfg.seed)
-        pred = predict(module, x[val_idx]).argmax(1)
+        probe = fit_bank([hp], make, TokenData(x[fit_idx], y[fit_idx]), CLASSES, cfg).model(0)
+        with torch.no_grad():
+            pred = probe(x[val_idx]).argmax(1)
         rescored.append(balanced_accuracy_score(y[val_idx].numpy(), pred.numpy()))
     best = int(np.argmax(rescored))
     assert rescored[best] > sorted(rescored)[-2] + 0.1  # a clear winner (test design)
     assert result.best == configs[best]
-    assert [g["bal_acc"] for g in result.grid] == pytest.approx(rescored, abs=0.03)
-    assert result.val["bal_acc"] == pytest.approx(rescored[best], abs=0.03)
+    assert [g["bal_acc"] for g in result.grid] == pytest.approx(rescored, abs=1e-12)
+    assert result.val["bal_acc"] == pytest.approx(rescored[best], abs=1e-12)
 
-    # the refit is a fresh probe that saw every train sample, validation part included
-    final = result.model.probe
-    assert seen[id(final)] == set(range(len(y)))
-    assert result.fit_samples == len(y) == result.model.fit_info["samples"]
+    # the grid saw the fit part only; the refit saw every train sample, validation included
+    grid_rows, refit_rows = data.fits
+    assert grid_rows == set(fit_idx.tolist())
+    assert refit_rows == set(range(len(y)))
+    assert result.fit_samples == len(y)
 
 
-def test_few_shot_fits_never_see_a_validation_sample():
+def test_few_shot_fits_never_see_a_validation_sample(tmp_path):
     k = 5
     cfg = experiment("linear_concat", f"fewshot_k={k}", "train.min_steps=20",
                      "train.jitter_p=0", "search.lr=[0.01,0.001]")
     cls, ap, y = synthetic_layers(200, 2, noise=0.5, seed=0)
     _, x, make = tokens_and_factory(cfg, cls, ap)
-    make_recorded, seen = recording_factory(make, x)
+    data = RecordingData(x, y)
 
     configs = expand_grid(cfg.search, attentive=False)
     assert len(configs) == 2
-    result = run_search(make_recorded, configs, (x, y), (x, y), CLASSES, cfg)
+    result = search(make, configs, x, y, cfg, tmp_path / "run", train=data)
     _, val_idx = stratified_split(y, cfg.search.val_fraction, cfg.search.val_seed)
-    final = seen[id(result.model.probe)]
-    assert final.isdisjoint(val_idx.tolist())
+    grid_rows, final = data.fits
+    assert final.isdisjoint(val_idx.tolist()) and grid_rows.isdisjoint(val_idx.tolist())
     assert np.bincount(y[sorted(final)].numpy()).tolist() == [k] * CLASSES
     assert result.fit_samples == len(final) == k * CLASSES
-    for rows in seen.values():  # grid fits too, where they run probe by probe
-        assert rows.isdisjoint(val_idx.tolist())
 
 
-@pytest.mark.parametrize("bank", [True, False], ids=["bank", "one_by_one"])
-def test_a_diverged_configuration_is_recorded_and_leaves_the_others_alone(bank):
-    cfg = experiment("alf", "train.min_steps=30", f"search.bank={bank}")
+def test_a_diverged_configuration_is_recorded_and_leaves_the_others_alone(tmp_path):
+    cfg = experiment("alf", "train.min_steps=30")
     cls, ap, y = synthetic_layers(200, 2, noise=0.5, seed=0)
     _, x, make = tokens_and_factory(cfg, cls, ap)
     good = [HParams(1e-2, 1e-4), HParams(1e-3, 1e-4)]
     diverging = HParams(1e20, 1e-4)  # AdamW steps of ~1e20: the logits overflow to NaN
-    alone = run_search(make, good, (x, y), (x, y), CLASSES, cfg)
-    mixed = run_search(make, [good[0], diverging, good[1]], (x, y), (x, y), CLASSES, cfg)
+    alone = search(make, good, x, y, cfg, tmp_path / "alone")
+    mixed = search(make, [good[0], diverging, good[1]], x, y, cfg, tmp_path / "mixed")
 
     failed = mixed.grid[1]
     assert "bal_acc" not in failed
@@ -169,7 +182,7 @@ def test_a_diverged_configuration_is_recorded_and_leaves_the_others_alone(bank):
     assert mixed.test == alone.test
 
     with pytest.raises(NonFiniteLoss, match=r"all 1 configurations .*lr=1e\+20"):
-        run_search(make, [diverging], (x, y), (x, y), CLASSES, cfg)
+        search(make, [diverging], x, y, cfg, tmp_path / "diverged")
 
 
 def test_paper_grid_is_63_configurations_for_attentive_probes_and_21_for_linear():

@@ -28,6 +28,7 @@ from alfusion.analysis.layers import (
 )
 from alfusion.analysis.plots import heatmap
 from alfusion.data.extract import load_or_extract
+from alfusion.metrics import num_classes_of
 from alfusion.search import expand_grid
 
 ANALYSES = ("layers", "cka")
@@ -50,7 +51,7 @@ def analyse_run(cfg, run_dir: Path, logger, probe: torch.nn.Module, token_set,
     title = f"{cfg.dataset.name} | {cfg.backbone.key} | {cfg.probe.name}"
     out: dict = {}
     files: list[tuple[Path, str]] = []
-    if cfg.probe.kind == "attentive" and hasattr(probe, "attention"):
+    if cfg.probe.kind == "attentive" and x_test is not None:
         att = layer_attention(probe, x_test, token_set)
         files += [(f, "attention") for f in write_attention(att, run_dir / "attention", title)]
         out["attention_layer_mass"] = att.layer_mass() if att.kinds != ["token"] else None
@@ -87,8 +88,6 @@ def _cache_tokens(cfg, split: str, device):
 
 def layer_analysis(cfg, folder: Path, device, logger):
     """Per-layer linear probes on the cached train/test splits: (curves, files, best token)."""
-    from alfusion.experiment import num_classes_of  # late: experiment imports this module
-
     folder.mkdir(parents=True, exist_ok=True)
     x, y, labels, positions = _cache_tokens(cfg, "train", device)
     x_test, y_test, _, _ = _cache_tokens(cfg, "test", device)

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
-from alfusion.analysis.head_bank import head_logits, train_heads
 from alfusion.analysis.plots import new_figure, save
 from alfusion.data.cache import CacheEntry
+from alfusion.engine import TokenData, fit_bank
 from alfusion.metrics import classification_metrics
+from alfusion.probes.linear import LinearProbe
+from alfusion.protocol import HParams
 from alfusion.search import select, stratified_split
 from alfusion.tokens import TokenSet
-from alfusion.training import HParams
 
 
 def layer_tokens(entry: CacheEntry, rows: np.ndarray | None = None
@@ -41,32 +42,39 @@ def layer_tokens(entry: CacheEntry, rows: np.ndarray | None = None
 def per_layer_probes(train: tuple[torch.Tensor, torch.Tensor],
                      test: tuple[torch.Tensor, torch.Tensor], num_classes: int,
                      configs: list[HParams], cfg) -> list[dict]:
-    """Test metrics of one linear head per token position of x (N, P, D).
+    """Test metrics of one linear head per token position of x (N, P, D), all heads trained
+    together as one linear bank by the engine (each head reads its own token).
 
     Returns one dict per position: position index, val_bal_acc (NaN without a search), the
     chosen lr/wd, test bal_acc and acc1.
     """
     x, y = train
-    num_positions = x.shape[1]
+    num_positions, dim = x.shape[1], x.shape[-1]
+
+    def make_head(hp: HParams) -> LinearProbe:
+        return LinearProbe(dim, num_classes)
+
+    def train_heads(heads: list[tuple[HParams, int]], data: TokenData):
+        return fit_bank([hp for hp, _ in heads], make_head, data, num_classes, cfg,
+                        label="layers", positions=[p for _, p in heads])
+
     chosen = {p: configs[0] for p in range(num_positions)}
     val_scores = {p: float("nan") for p in range(num_positions)}
     if len(configs) > 1:
         fit, val = stratified_split(y, cfg.search.val_fraction, cfg.search.val_seed)
-        plan = [(hp, list(range(num_positions))) for hp in configs]
-        groups = train_heads(plan, x[fit], y[fit], num_classes, cfg.train, cfg.seed)
-        logits = head_logits(groups, x[val])
+        heads = [(hp, p) for hp in configs for p in range(num_positions)]
+        logits, y_val = TokenData(x, y).subset(val).logits(
+            train_heads(heads, TokenData(x, y).subset(fit)).bank)
         for p in range(num_positions):
-            scores = [classification_metrics(logits[(hp, p)], y[val], num_classes)["bal_acc"]
-                      for hp in configs]
+            scores = [classification_metrics(logits[heads.index((hp, p))], y_val,
+                                             num_classes)["bal_acc"] for hp in configs]
             best = select(scores)
             chosen[p], val_scores[p] = configs[best], scores[best]
-    plan = [(hp, [p for p in range(num_positions) if chosen[p] == hp]) for hp in configs]
-    groups = train_heads([(hp, heads) for hp, heads in plan if heads], x, y, num_classes,
-                         cfg.train, cfg.seed)
-    logits = head_logits(groups, test[0])
+    heads = [(chosen[p], p) for p in range(num_positions)]
+    logits, y_test = TokenData(*test).logits(train_heads(heads, TokenData(x, y)).bank)
     out = []
     for p in range(num_positions):
-        metrics = classification_metrics(logits[(chosen[p], p)], test[1], num_classes)
+        metrics = classification_metrics(logits[p], y_test, num_classes)
         out.append(dict(position=p, val_bal_acc=val_scores[p], lr=chosen[p].lr,
                         wd=chosen[p].wd, bal_acc=metrics["bal_acc"], acc1=metrics["acc1"]))
     return out

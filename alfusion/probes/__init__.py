@@ -5,12 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from alfusion.probes.attentive import AttentiveProbe
-from alfusion.probes.bank import ProbeBank, fit_bank, fit_grid
+from alfusion.probes.bank import ProbeBank
 from alfusion.probes.linear import LinearProbe
 from alfusion.tokens import TokenSet, resolve_layers
 
-__all__ = ["AttentiveProbe", "LinearProbe", "ProbeBank", "build_probe", "build_token_set",
-           "fit_bank", "fit_grid"]
+__all__ = ["AttentiveProbe", "LinearProbe", "ProbeBank", "build_probe", "build_token_set"]
 
 
 def build_token_set(probe_cfg, num_layers: int) -> TokenSet:

@@ -1,4 +1,4 @@
-"""Images for end-to-end training: transforms, labels, and per-rank DataLoaders.
+"""Images for end-to-end fits: transforms, labels, and per-rank DataLoaders.
 
 Map-style sources are split over ranks by ``RankSampler`` (Lightning's own distributed sampler
 is switched off: ours gives the single-process order); streamed sources by ``RankSlice``.
@@ -65,27 +65,33 @@ def train_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed:
                   persistent_workers=num_workers > 0)
     if isinstance(dataset, IterableDataset):
         part = RankSlice(dataset, length_of(dataset), rank, world, per_rank, shuffle_buffer)
-        return DataLoader(part, batch_size=per_rank, **common), part
+        loader = DataLoader(part, batch_size=per_rank, **common)
+        return RepeatedLoader(loader, total_steps - start_step), part
     sampler = RankSampler(len(dataset), rank, world, shuffle=True, seed=seed)
     batches = StepBatches(sampler, per_rank, total_steps, start_step)
     return DataLoader(dataset, batch_sampler=batches, **common), batches
+
+
+class RepeatedLoader:
+    """``steps`` batches of a loader, starting it again (a new epoch) when it runs out."""
+
+    def __init__(self, loader: DataLoader, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        done = 0
+        while done < self.steps:
+            for batch in self.loader:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                       pin_memory=pin_memory)
-
-
-@torch.no_grad()
-def predict_images(model: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, C) float32 on the host, labels (N,)) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for images, y in loader:
-        logits.append(model(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(y).long())
-    model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)

@@ -1,0 +1,137 @@
+"""What a fit trains on: cached token tensors or images through a TokenEncoder.
+
+Both walk their samples by optimiser step with the protocol's per-epoch permutation, so a
+resumed fit continues at its checkpoint's batch, and a cached and an end-to-end fit on the
+same samples see the same batches. Both score a whole bank at once (``logits``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from alfusion.end2end.images import eval_loader, train_loader
+from alfusion.probes.bank import ProbeBank
+from alfusion.protocol import BatchPlan, epoch_permutation
+
+
+class TensorSteps:
+    """Batches (x[idx], y[idx]) of steps start .. plan.steps - 1: step s takes batch
+    s % E of epoch s // E's permutation (E = plan.per_epoch). Tensors stay where they are."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, seed: int,
+                 start: int = 0) -> None:
+        self.x, self.y, self.plan, self.seed, self.start = x, y, plan, seed, start
+
+    def __len__(self) -> int:
+        return self.plan.steps - self.start
+
+    def __iter__(self):
+        n, b, epoch, order = len(self.y), self.plan.batch, None, None
+        for step in range(self.start, self.plan.steps):
+            e, k = divmod(step, self.plan.per_epoch)
+            if e != epoch:
+                epoch, order = e, epoch_permutation(n, self.seed, e).to(self.y.device)
+            idx = order[k * b:(k + 1) * b]
+            yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class TokenData:
+    """Cached tokens x (N, T, D) or (N, F) and labels y (N,), on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    parallel = "grid"  # under DDP each rank trains its share of the probes on all the data
+    encoder = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> TokenData:
+        if len(idx) == len(self.y):
+            return self
+        idx_t = torch.as_tensor(idx, device=self.y.device)
+        return TokenData(self.x[idx_t], self.y[idx_t])
+
+    def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
+              pin_memory: bool = False, audit: Path | None = None):
+        return TensorSteps(self.x, self.y, plan, seed, start)
+
+    @torch.no_grad()
+    def logits(self, bank: ProbeBank, batch_size: int = 4096) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+        """(eval logits (G, N, C) on the host, labels (N,))."""
+        out = [bank.logits(self.x[i:i + batch_size].float()).cpu()
+               for i in range(0, len(self.x), batch_size)]
+        return torch.cat(out, dim=1), self.y.cpu()
+
+
+@dataclass
+class ImageData:
+    """Images (train transform ``train``, eval transform ``plain``) with labels (N,), fed to
+    the probes through ``encoder`` inside the training step. ``settings``: the run's
+    ``end2end`` config (batch sizes, workers, shuffle buffer)."""
+
+    train: Dataset
+    plain: Dataset
+    y: torch.Tensor
+    encoder: torch.nn.Module
+    settings: object
+    parallel: str = field(default="data")  # under DDP each rank takes its share of a batch
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> ImageData:
+        if len(idx) == len(self.y):
+            return self
+        if isinstance(self.train, IterableDataset):
+            raise ValueError("a streamed dataset cannot be split for validation, a search "
+                             "grid or few-shot in end-to-end mode: set search=none "
+                             "search.validate=false fewshot_k=null (or mode=cached)")
+        idx_list = [int(i) for i in idx]
+        return ImageData(Subset(self.train, idx_list), Subset(self.plain, idx_list),
+                         self.y[torch.as_tensor(idx)], self.encoder, self.settings)
+
+    def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
+              pin_memory: bool = False, audit: Path | None = None):
+        """This rank's loader of plan.batch // world images per step; ``audit``: a file for
+        the samples this rank trains on in the first epoch (a record for checks)."""
+        loader, part = train_loader(self.train, plan.batch, rank, world, seed,
+                                    self.settings.num_workers, total_steps=plan.steps,
+                                    start_step=start, pin_memory=pin_memory,
+                                    shuffle_buffer=self.settings.shuffle_buffer)
+        if audit is not None:
+            audit.parent.mkdir(parents=True, exist_ok=True)
+            audit.write_text(json.dumps(dict(rank=rank, world=world, batch=plan.batch,
+                                             indices=part.indices())))
+        return loader
+
+    @torch.no_grad()
+    def logits(self, bank: ProbeBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eval logits (G, N, C) on the host, labels (N,)): one encoder pass per batch."""
+        was_training = self.encoder.training
+        self.encoder.eval()
+        loader = eval_loader(self.plain, self.settings.eval_batch_size,
+                             self.settings.num_workers)
+        logits, labels = [], []
+        for images, y in loader:
+            tokens = self.encoder(images.to(bank.device, non_blocking=True))
+            logits.append(bank.logits(tokens.float()).cpu())
+            labels.append(torch.as_tensor(y).long())
+        self.encoder.train(was_training)
+        return torch.cat(logits, dim=1), torch.cat(labels)

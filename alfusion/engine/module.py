@@ -1,0 +1,185 @@
+"""BankModule: the one LightningModule that trains every probe fit (a bank of G >= 1 probes).
+
+Manual optimisation: each training step is a ``BankStep`` (per-probe AdamW, cosine schedule,
+clipping, BatchNorm, weighted loss). Lightning brings the loop, device placement, the precision
+plugin (bf16 autocast on GPUs), the progress bar, the MLflow logger and DDP process launching.
+In end-to-end mode the frozen TokenEncoder runs once per batch inside the step and its tokens
+feed every probe of the bank.
+
+Parallelism: ``grid`` (cached features) gives each rank its share of the probes and all the
+data; ``data`` (images) gives each rank its share of every batch and sums gradients over ranks.
+Either way nothing wraps the module in DistributedDataParallel (``BankDDPStrategy``): probes
+of different configurations never average their gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+
+from alfusion.engine.step import BankStep
+from alfusion.probes.bank import ProbeBank
+
+# Lightning warns that a module without optimisers trains nothing (the BankStep updates the
+# probes itself), that a frozen backbone sits in eval mode (on purpose), and about its own
+# pytree helper.
+for _message in (".*returned `None`, this fit will run with no optimizer",
+                 ".*configure_optimizers.*must be implemented",
+                 ".*module\\(s\\) in eval mode.*", r".*isinstance\(treespec, LeafSpec\)",
+                 ".*does not have many workers.*", ".*smaller than the logging interval"):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+def world_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def grid_slice(n: int, world: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous share of n probes: sizes differ by at most one, the first
+    ``n % world`` ranks take one more."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def checkpoint_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"last.rank{rank}.pt"
+
+
+class BankModule(L.LightningModule):
+    """Trains ``bank`` with the BankStep that ``make_step(bank, share)`` builds once the
+    device and the rank are known (``share``: the slice of the configurations this rank
+    trains). ``resume_from``: a checkpoint folder to continue from when it holds this rank's
+    file. ``label``: the metric prefix (grid | train)."""
+
+    def __init__(self, bank: ProbeBank, make_step: Callable[[ProbeBank, slice], BankStep],
+                 encoder: torch.nn.Module | None = None, parallel: str = "grid",
+                 resume_from: Path | None = None, label: str = "train", log_every: int = 25
+                 ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder = encoder
+        self.bank, self.make_step, self.parallel = bank, make_step, parallel
+        self.resume_from, self.label, self.log_every = resume_from, label, log_every
+        self.core: BankStep | None = None
+        self.share = slice(0, len(bank))
+
+    def configure_optimizers(self):
+        return None  # the BankStep is the optimiser
+
+    def on_fit_start(self) -> None:
+        # Here, not in setup: the module is on its device and the process group exists.
+        world, rank = world_and_rank()
+        bank = self.bank
+        if self.parallel == "grid" and world > 1:
+            self.share = grid_slice(len(bank), world, rank)
+            bank = bank.part(self.share.start, self.share.stop)
+        self.core = self.make_step(bank.to(self.device), self.share)
+        if self.resume_from is not None:
+            path = checkpoint_file(self.resume_from, rank)
+            if path.exists():
+                self.load_checkpoint(torch.load(path, map_location=self.device,
+                                                weights_only=True))
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        if self.encoder is not None:
+            x = self.encoder(x)
+        losses = self.core.step(x, y)
+        s = self.core.step_count
+        if s % self.log_every and not self.core.finished:
+            return  # reading the losses waits for the device: every log_every steps only
+        finite = losses[torch.isfinite(losses)]
+        mean = float(finite.mean()) if finite.numel() else float("nan")
+        self.log("loss", mean, prog_bar=True, logger=False)
+        if self.logger is not None:
+            metrics = {f"{self.label}/loss": mean}
+            if len(losses) > 1:
+                metrics[f"{self.label}/loss_min"] = float(finite.min()) if finite.numel() \
+                    else float("nan")
+            self.logger.log_metrics(metrics, step=s)
+        if self.core.all_failed():  # nothing left to train
+            self.trainer.should_stop = True
+
+    def checkpoint(self) -> dict:
+        state = dict(step=self.core.state_dict())
+        if self.encoder is not None and getattr(self.encoder, "trainable", False):
+            state["backbone"] = self.encoder.backbone.state_dict()
+        return state
+
+    def load_checkpoint(self, state: dict) -> None:
+        self.core.load_state_dict(state["step"])
+        if "backbone" in state:
+            self.encoder.backbone.load_state_dict(state["backbone"])
+
+
+class StepCheckpoint(Callback):
+    """Every ``every`` optimiser steps, this rank's engine state to ``folder``/last.rank{r}.pt,
+    written to a temporary name and renamed (a partial file never looks complete)."""
+
+    def __init__(self, folder: Path, every: int) -> None:
+        self.folder, self.every = Path(folder), every
+
+    def on_train_batch_end(self, trainer, module: BankModule, outputs, batch, batch_idx) -> None:
+        s = module.core.step_count
+        if s % self.every or module.core.finished:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = checkpoint_file(self.folder, world_and_rank()[1])
+        tmp = path.with_suffix(".tmp")
+        torch.save(module.checkpoint(), tmp)
+        os.replace(tmp, path)
+
+
+class BankDDPStrategy(DDPStrategy):
+    """Lightning's DDP (process launch, process group, device per rank) without the
+    DistributedDataParallel wrapper: the BankStep decides what is summed over ranks."""
+
+    def configure_ddp(self) -> None:
+        pass
+
+
+def resolve_precision(trainer_cfg) -> str:
+    """``precision: auto``: bf16-mixed where the trainer runs on CUDA, else 32-true."""
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def make_trainer(trainer_cfg, logger=False, callbacks=()) -> L.Trainer:
+    """A Lightning Trainer for one engine fit: one pass over a step-indexed loader."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if str(strategy).startswith("ddp"):
+        strategy = BankDDPStrategy()
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.get("num_nodes", 1),
+        strategy=strategy,
+        precision=resolve_precision(trainer_cfg),
+        max_epochs=1,  # the loader yields exactly the fit's remaining steps
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=trainer_cfg.get("progress_bar", True)
+        and os.environ.get("ALFUSION_NO_PROGRESS") != "1",  # CI and logs: no bars
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,  # the module logs its own curve; this is the progress bar's
+        use_distributed_sampler=False,  # the loaders split data over ranks themselves
+        deterministic=trainer_cfg.get("deterministic", False),
+    )

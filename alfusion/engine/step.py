@@ -1,0 +1,239 @@
+"""BankStep: one optimiser step of every probe of a ProbeBank, with the protocol's rules.
+
+Per probe, a step is exactly what training that probe alone does (docs/protocol.md,
+training): feature jitter and attention dropout from the probe's seeded streams, BatchNorm with
+its own running statistics, class-weighted cross-entropy (the bank loss is the sum of the
+per-probe losses, so gradients do not mix), gradient-norm clipping on the probe's own norm,
+AdamW with torch's bias correction and eps placement, and the per-step cosine schedule.
+
+Jitter draws (``jitter_draws``): ``shared`` (default) draws one jitter per step from the run
+seed's stream for every probe (what each configuration trained alone with the seed sees), so
+the tokens' LayerNorm is computed once for the whole bank; ``per_probe`` gives every probe its
+own draws (G inputs and LayerNorms per step).
+
+``extra``: the parameters of a trainable backbone (fine-tuning; a bank of one), updated with
+the probe's AdamW at ``extra_lr_scale`` x its lr and clipped together with it. ``sync``: the
+global batch is split over the ranks of the process group (end-to-end DDP): BatchNorm
+statistics, the loss normaliser and the gradients are summed over ranks, so every rank takes
+the step one process would take on the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from alfusion.probes.bank import ProbeBank
+from alfusion.probes.functional import normalise_tokens, probe_logits, weighted_loss
+from alfusion.protocol import (
+    BETAS,
+    MIN_LR,
+    HParams,
+    NonFiniteLoss,
+    adamw_step,
+    clip_per_probe,
+    cosine_lrs,
+    non_finite,
+)
+from alfusion.random_draws import JITTER_MODES, ProbeStream, probe_seed
+
+JITTER_DRAWS = ("shared", "per_probe")
+
+
+class BankStep:
+    """Trains a ProbeBank one batch at a time: per-probe optimiser state and schedule.
+
+    configs: the G configurations; total_steps: the schedule's length; weights: class weights
+    (C,). ``chunk`` probes go through one forward/backward pass (all by default); passes only
+    bound memory: probes never interact.
+    """
+
+    def __init__(self, bank: ProbeBank, configs: Sequence[HParams], total_steps: int,
+                 weights: torch.Tensor, seed: int, jitter_p: float = 0.5,
+                 jitter_sigma: float = 0.05, jitter: str = "per_sample",
+                 jitter_draws: str = "shared", chunk: int | None = None,
+                 extra: Sequence[torch.nn.Parameter] = (), extra_lr_scale: float = 1.0,
+                 sync: bool = False) -> None:
+        if jitter_draws not in JITTER_DRAWS:
+            raise ValueError(f"train.jitter_draws={jitter_draws!r}: use one of {JITTER_DRAWS}")
+        if jitter not in JITTER_MODES:
+            raise ValueError(f"jitter mode {jitter!r}: use one of {JITTER_MODES}")
+        if extra and len(bank) != 1:
+            raise ValueError("a trainable backbone trains with a bank of one probe")
+        device = bank.device
+        self.bank, self.configs = bank, list(configs)
+        self.total_steps, self.weights = total_steps, weights.to(device)
+        self.jitter_p, self.jitter_sigma = jitter_p, jitter_sigma
+        self.jitter, self.jitter_draws = jitter, jitter_draws
+        self.chunk = chunk or len(bank)
+        self.sync = sync
+        self.streams = [ProbeStream(probe_seed(seed, hp), device) for hp in self.configs]
+        self.shared_stream = ProbeStream(probe_seed(seed, None), device)
+        lrs = cosine_lrs([hp.lr for hp in self.configs], total_steps)
+        wd = torch.tensor([hp.wd for hp in self.configs], dtype=torch.float64)
+        self.decay = (1 - lrs * wd).float().to(device)  # (S, G)
+        self.lrs = lrs  # float64, the schedule
+        self.names = list(bank.params)
+        self.exp_avgs = [torch.zeros_like(bank.params[n]) for n in self.names]
+        self.exp_avg_sqs = [torch.zeros_like(bank.params[n]) for n in self.names]
+        self.extra = list(extra)
+        if self.extra:
+            hp = self.configs[0]
+            # The head's schedule scaled: the backbone keeps its lr ratio down to the floor.
+            self.extra_lrs = cosine_lrs([hp.lr * extra_lr_scale], total_steps,
+                                        MIN_LR * extra_lr_scale)
+            self.extra_decay = (1 - self.extra_lrs * hp.wd).float().to(device)
+            self.extra_avgs = [torch.zeros_like(p) for p in self.extra]
+            self.extra_avg_sqs = [torch.zeros_like(p) for p in self.extra]
+        self.first_bad_step = torch.full((len(bank),), -1, dtype=torch.long, device=device)
+        self.losses = torch.zeros(total_steps, len(bank), device=device)
+        self.step_count = 0
+
+    # -------------------------------------------------------------------------- inputs
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        return normalise_tokens(self.bank.spec, x) if self.bank.kind == "attentive" else x
+
+    def _inputs(self, xb: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+        """What each probe of the pass sees, attentive tokens normalised: (B, ...) shared by
+        the bank (computed once per step) or (g, B, ...) with per-probe jitter."""
+        if self._shared_x is not None:
+            return self.bank.inputs(self._shared_x, g0, g1)
+        p, sigma, mode = self.jitter_p, self.jitter_sigma, self.jitter
+        if g1 - g0 == 1:  # one probe: its own draw, on the cheaper shared-input path
+            return self._normalised(self.streams[g0].jitter(xb, p, sigma, mode))
+        out = torch.empty((g1 - g0, *xb.shape), dtype=xb.dtype, device=xb.device)
+        for i, g in enumerate(range(g0, g1)):
+            self.streams[g].jitter(xb, p, sigma, mode, out=out[i])
+        return self._normalised(out)
+
+    def _dropout(self, batch: int, num_tokens: int, g0: int, g1: int) -> torch.Tensor | None:
+        if self.bank.kind != "attentive" or not any(self.bank.dropouts[g0:g1]):
+            return None
+        shape = (batch, self.bank.spec.heads, num_tokens)
+        drop = torch.ones((g1 - g0, *shape), device=self.bank.device)
+        for i, g in enumerate(range(g0, g1)):
+            mask = self.streams[g].dropout(shape, self.bank.dropouts[g], self.bank.device)
+            if mask is not None:
+                drop[i] = mask
+        return drop
+
+    # -------------------------------------------------------------------------- the step
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,).
+
+        Pass by pass: forward, backward, clipping and AdamW of the pass's probes, so that
+        their activations, gradients and optimiser state are touched while still in cache."""
+        if self.step_count >= self.total_steps:
+            raise RuntimeError(f"the schedule has {self.total_steps} steps; all are done")
+        bank, G = self.bank, len(self.bank)
+        xb = xb.float()
+        shared = self.jitter_draws == "shared" or self.jitter == "off" \
+            or self.jitter_p <= 0 or self.jitter_sigma <= 0
+        self._shared_x = self._normalised(self.shared_stream.jitter(
+            xb, self.jitter_p, self.jitter_sigma, self.jitter)) if shared else None
+        total_weight = None
+        if self.sync:  # the weighted mean over the global batch
+            total_weight = self.weights[yb].sum()
+            dist.all_reduce(total_weight)
+        s = self.step_count
+        self.step_count += 1
+        step_size = (self.lrs[s] / (1 - BETAS[0] ** self.step_count)).float().to(bank.device)
+        losses = torch.empty(G, device=bank.device)
+        for g0 in range(0, G, self.chunk):
+            g1 = min(G, g0 + self.chunk)
+            x = self._inputs(xb, g0, g1)
+            # Jitter first, then dropout: the order in which a lone probe draws from its stream.
+            drop = self._dropout(xb.shape[0], xb.shape[1], g0, g1)
+            leaves = {n: bank.params[n][g0:g1].detach().requires_grad_() for n in self.names}
+            buffers = {n: b[g0:g1] for n, b in bank.buffers.items()}
+            logits = probe_logits(bank.kind, bank.spec, leaves, buffers, x, True, drop,
+                                  normalised=True, sync_bn=self.sync)
+            loss = weighted_loss(logits, yb, self.weights, total_weight)
+            wrt = list(leaves.values()) + self.extra
+            grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+            losses[g0:g1] = loss.detach()
+            if self.sync:
+                for grad in grads:
+                    if grad is not None:
+                        dist.all_reduce(grad)
+            self._update(grads, g0, g1, s, step_size)
+        if self.sync:  # each rank's loss is its share of the global one
+            dist.all_reduce(losses)
+        # A diverged probe keeps training on NaNs without touching the others; remembered.
+        newly_bad = ~torch.isfinite(losses) & (self.first_bad_step < 0)
+        self.first_bad_step.masked_fill_(newly_bad, s)
+        self.losses[s] = losses
+        return losses
+
+    def _update(self, grads, g0: int, g1: int, s: int, step_size: torch.Tensor) -> None:
+        """Clip and AdamW-update probes g0 .. g1 - 1 (and the trainable backbone)."""
+        n = len(self.names)
+        probe_grads, extra_grads = grads[:n], grads[n:]
+        # norm_k.bias cancels in the softmax: no gradient, so, as torch.optim does for a
+        # parameter whose .grad is None, it is neither clipped nor decayed nor updated.
+        used = [i for i, grad in enumerate(probe_grads) if grad is not None]
+        extra = [(p, g.unsqueeze(0), m, v) for p, g, m, v in
+                 zip(self.extra, extra_grads, getattr(self, "extra_avgs", []),
+                     getattr(self, "extra_avg_sqs", []), strict=False) if g is not None]
+        clip_per_probe([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
+        adamw_step([self.bank.params[self.names[i]][g0:g1] for i in used],
+                   [probe_grads[i] for i in used],
+                   [self.exp_avgs[i][g0:g1] for i in used],
+                   [self.exp_avg_sqs[i][g0:g1] for i in used],
+                   self.step_count, self.decay[s, g0:g1], step_size[g0:g1])
+        if extra:
+            size = (self.extra_lrs[s] / (1 - BETAS[0] ** self.step_count)).float()
+            adamw_step([p.data.unsqueeze(0) for p, _, _, _ in extra],
+                       [g for _, g, _, _ in extra],
+                       [m.unsqueeze(0) for _, _, m, _ in extra],
+                       [v.unsqueeze(0) for _, _, _, v in extra],
+                       self.step_count, self.extra_decay[s], size.to(self.bank.device))
+
+    # -------------------------------------------------------------------------- results
+
+    @property
+    def finished(self) -> bool:
+        return self.step_count >= self.total_steps
+
+    def all_failed(self) -> bool:
+        return bool((self.first_bad_step >= 0).all())
+
+    def failures(self) -> dict[int, NonFiniteLoss]:
+        """Probe index -> NonFiniteLoss for every probe whose loss was ever non-finite."""
+        return {g: non_finite(step, self.configs[g])
+                for g, step in enumerate(self.first_bad_step.tolist()) if step >= 0}
+
+    # -------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything a resumed fit needs to continue bit for bit (tensors and ints only)."""
+        state = dict(step_count=self.step_count, first_bad_step=self.first_bad_step,
+                     losses=self.losses,
+                     params=self.bank.params, buffers=self.bank.buffers,
+                     exp_avgs=self.exp_avgs, exp_avg_sqs=self.exp_avg_sqs,
+                     streams=[s.generator.get_state() for s in self.streams],
+                     shared_stream=self.shared_stream.generator.get_state())
+        if self.extra:
+            state.update(extra_avgs=self.extra_avgs, extra_avg_sqs=self.extra_avg_sqs)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.first_bad_step.copy_(state["first_bad_step"])
+        self.losses.copy_(state["losses"])
+        for name in ("params", "buffers"):
+            for k, v in getattr(self.bank, name).items():
+                v.copy_(state[name][k])
+        for mine, saved in ((self.exp_avgs, state["exp_avgs"]),
+                            (self.exp_avg_sqs, state["exp_avg_sqs"]),
+                            (getattr(self, "extra_avgs", []), state.get("extra_avgs", [])),
+                            (getattr(self, "extra_avg_sqs", []), state.get("extra_avg_sqs", []))):
+            for a, b in zip(mine, saved, strict=True):
+                a.copy_(b)
+        for stream, gen_state in zip(self.streams, state["streams"], strict=True):
+            stream.generator.set_state(gen_state.cpu())
+        self.shared_stream.generator.set_state(state["shared_stream"].cpu())
