@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 TASKS = ("train", "extract", "evaluate")
+MODES = ("cached", "end2end", "finetune")
+CONF = Path(__file__).resolve().parents[1] / "conf"
 # A value that becomes one file or folder name: no separators, no "..", no shell surprises.
 SAFE_NAME = re.compile(r"[A-Za-z0-9._+=-]+")
 SAFE_NAME_RULE = "one path component of letters, digits and . _ - + = (no '/', no '..')"
@@ -96,6 +99,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
     normalise single numbers in the search grid to lists, in place. Returns ``cfg``."""
     if cfg.get("task") not in TASKS:
         refuse("task", cfg.get("task"), f"one of {', '.join(TASKS)}")
+    check_mode(cfg)
     if not is_int(cfg.get("seed")):
         refuse("seed", cfg.get("seed"), "an integer")
     for key in PATH_NAME_KEYS:
@@ -134,6 +138,21 @@ def check_config(cfg: DictConfig) -> DictConfig:
     if sigma is not None and (not is_number(sigma) or not math.isfinite(sigma) or sigma < 0):
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
     return cfg
+
+
+def check_mode(cfg: DictConfig) -> None:
+    """``mode`` names an engine; the fine-tuning baseline's head (probe=finetune) trains in
+    mode=finetune: with the default mode=cached that is what the command means (a sweep over
+    probes, e.g. the paper table, runs it so), and it is set; with mode=end2end it is refused."""
+    mode = select(cfg, "mode.name")
+    if mode not in MODES:
+        refuse("mode", mode, f"one of {', '.join(MODES)}")
+    if select(cfg, "probe.name") == "finetune" and mode != "finetune":
+        if mode != "cached":
+            refuse("mode", mode, "finetune with probe=finetune (the backbone trains)")
+        with open_dict(cfg):
+            cfg.mode = OmegaConf.load(CONF / "mode" / "finetune.yaml")
+        print("[alfusion] probe=finetune: mode=finetune (the backbone trains with the head)")
 
 
 def check_labels(labels, num_classes: int | None, split: str = "train") -> None:

@@ -22,9 +22,6 @@ from alfusion.protocol import HParams
 from alfusion.resume import load_tensors, open_run_state
 from alfusion.search import expand_grid, run_search
 
-MODES = ("cached", "end2end", "finetune")
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -70,23 +67,8 @@ def train_inputs(cfg, device: torch.device) -> dict:
                 seconds=time.perf_counter() - t0)
 
 
-def resolve_mode(cfg) -> None:
-    """The fine-tuning baseline's head (probe=finetune) trains in mode=finetune: with the
-    default mode=cached that is what the command means (a sweep over probes, e.g. the paper
-    table, runs it so), and it is set; with mode=end2end it is refused."""
-    if cfg.mode.name not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode.name!r}: use mode=cached, end2end or finetune")
-    if cfg.probe.name == "finetune" and cfg.mode.name != "finetune":
-        if cfg.mode.name != "cached":
-            raise ValueError(f"probe=finetune trains the backbone: use mode=finetune, not "
-                             f"mode={cfg.mode.name}")
-        cfg.mode = OmegaConf.load(CONF / "mode" / "finetune.yaml")
-        print("[alfusion] probe=finetune: mode=finetune (the backbone trains with the head)")
-
-
 def run_train(cfg, run_dir: Path) -> dict:
     """Train with the search, test once, log everything; the same flow for every mode."""
-    resolve_mode(cfg)
     analysis.requested(cfg)  # a misspelt analysis fails before any work
     device = resolve_device(cfg.device)
     state, resuming = open_run_state(cfg, run_dir)

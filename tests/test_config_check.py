@@ -35,11 +35,22 @@ BAD_SETTINGS = [  # (overrides, the key the message must name)
     (["dataset.name=x/../../../ESCAPED"], "dataset.name"),
     (["backbone.key=.."], "backbone.key"),
     (["probe.name=a/b"], "probe.name"),
+    (["probe=finetune", "mode=end2end"], "mode"),
 ]
 
 
 @pytest.mark.parametrize("overrides,key", BAD_SETTINGS, ids=[" ".join(o) for o, _ in BAD_SETTINGS])
+def test_bad_setting_is_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_config(*overrides))
+    assert key in str(info.value) and "not allowed" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,key", [(["search.lr=abc"], "search.lr"),
+                                           (["dataset.name=x/../../../ESCAPED"],
+                                            "dataset.name")])
 def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path, overrides, key):
+    """Through the real CLI: the check runs before any work (and before the run folder)."""
     root = tmp_path / "root"
     start = time.monotonic()
     proc = run_cli(*tiny_overrides(root, *overrides), check=False, timeout=60)
@@ -50,6 +61,11 @@ def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path,
     assert seconds < 30, seconds  # the CLI's start-up only; no backbone, no extraction
     assert not (root / "cache").exists()
     assert not list(tmp_path.rglob("ESCAPED*"))  # nothing was written outside paths.root
+
+
+def test_the_finetune_head_implies_its_mode():
+    cfg = check_config(compose_config("probe=finetune"))
+    assert cfg.mode.name == "finetune" and cfg.mode.backbone_lr_scale == 0.001
 
 
 def test_an_image_folder_with_one_class_fails_before_extraction(tmp_path):
