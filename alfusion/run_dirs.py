@@ -1,8 +1,10 @@
 """Run folders: names checked to stay under ``paths.root``, and never shared by two runs.
 
-Two OmegaConf resolvers, used by ``hydra.run.dir`` and ``hydra.sweep.subdir`` in
+Three OmegaConf resolvers, used by ``hydra.run.dir`` and ``hydra.sweep.subdir`` in
 conf/config.yaml:
 
+- ``${run_name:}``: dataset_backbone_probe (each checked as below), or for task=evaluate
+  ``evaluate_`` + the evaluated probe's run folder name.
 - ``${path_name:dataset.name}``: the value of that key, refused unless it is a single safe path
   component (``dataset.name=x/../../ESCAPED`` would otherwise put the run folder outside
   ``paths.root``).
@@ -30,6 +32,17 @@ def path_name(key: str, *, _root_) -> str:
     return check_path_name(key, OmegaConf.select(_root_, key))
 
 
+def run_name(*, _root_) -> str:
+    """What a run folder is named after: dataset_backbone_probe; for task=evaluate, what is
+    really evaluated: ``evaluate_`` and the name of the probe's own run folder (the dataset,
+    backbone and probe of the command line play no part in an evaluation)."""
+    if OmegaConf.select(_root_, "task") == "evaluate" and OmegaConf.select(_root_, "probe_path"):
+        folder = os.path.basename(os.path.dirname(os.path.abspath(_root_.probe_path)))
+        return "evaluate_" + check_path_name("probe_path (its folder)", folder or "probe")
+    return "_".join(path_name(key, _root_=_root_)
+                    for key in ("dataset.name", "backbone.key", "probe.name"))
+
+
 def unique_dir(path: str) -> str:
     """Create ``path`` (or ``path_2``, ``path_3``, ... if taken) and return the created one."""
     path = str(path)
@@ -53,5 +66,7 @@ def unique_dir(path: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("path_name"):
         OmegaConf.register_new_resolver("path_name", path_name)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)

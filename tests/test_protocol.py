@@ -215,6 +215,8 @@ def test_evaluate_reproduces_the_test_metrics_of_a_saved_probe_without_training(
     proc = run_cli("task=evaluate", f"probe_path={run_dir / 'probe.pt'}", f"paths.root={root}")
     assert "Trainer.fit" not in proc.stdout + proc.stderr  # nothing was trained
     (evaluation,) = root.glob("runs/*/evaluation.json")
+    # the folder names what was evaluated: the probe's own run
+    assert evaluation.parent.name.endswith(f"_evaluate_{run_dir.name}")
     results = json.loads((run_dir / "results.json").read_text())
     assert json.loads(evaluation.read_text())["test"] == pytest.approx(results["test"])
 
