@@ -283,7 +283,7 @@ def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet, l
             else f"{token_set.regions}x{token_set.regions} regions of {len(backbone.dims)} layers")
     images = " + ".join(f"{n} {s}" for s, n in known.items())
     raise CacheTooLarge(
-        f"probe.tokens={token_set.tokens} would cache {total / 1e9:.1f} GB ({images} images x "
+        f"probe.tokens={token_set.tokens} would cache {total / 1e9:.3g} GB ({images} images x "
         f"{per_image / 1e6:.2f} MB: {what}, D={backbone.width}, fp16), over the budget "
         f"extract.max_cache_gb={budget}. Alternatives: mode=end2end (no cache: tokens are "
         "computed in each step), fewer layers (probe.layers=last or middle_last), region "
