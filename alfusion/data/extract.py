@@ -284,7 +284,7 @@ def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet, l
     images = " + ".join(f"{n} {s}" for s, n in known.items())
     raise CacheTooLarge(
         f"probe.tokens={token_set.tokens} would cache {total / 1e9:.3g} GB ({images} images x "
-        f"{per_image / 1e6:.2f} MB: {what}, D={backbone.width}, fp16), over the budget "
+        f"{per_image / 1e3:.3g} kB: {what}, D={backbone.width}, fp16), over the budget "
         f"extract.max_cache_gb={budget}. Alternatives: mode=end2end (no cache: tokens are "
         "computed in each step), fewer layers (probe.layers=last or middle_last), region "
         "tokens (probe.tokens=cls+ap+regions probe.regions=2: k*k tokens per layer), or raise "
