@@ -37,8 +37,9 @@ def split_tokens(cfg, split: str, device: torch.device):
             cfg.dataset.num_classes = entry.meta["num_classes"]
     token_set = build_token_set(cfg.probe, num_layers=len(entry.dims))
     # fp16 onto the device first: selection, normalisation and fp32 happen there.
-    arrays = {n: entry.tensor(n, device) for n in ("cls", "ap", "tokens") if entry.has(n)}
-    x = token_set(arrays.get("cls"), arrays.get("ap"), arrays.get("tokens"), entry.dims)
+    names = ("cls", "ap", "tokens", "regions")
+    arrays = {n: entry.tensor(n, device) for n in names if entry.has(n)}
+    x = token_set.from_arrays(arrays, entry.dims)
     return x, entry.tensor("labels", device).long(), token_set, entry
 
 

@@ -2,7 +2,12 @@
 
 Layers are numbered 1..L (L = the final output). Every vector is L2-normalised in its own
 dimension and zero-padded to the widest layer (normalising after padding is the same, since
-zeros add nothing to the norm), then CLS tokens (in layer order) are followed by AP tokens.
+zeros add nothing to the norm). Token order: CLS tokens (in layer order), then AP tokens, then
+region tokens layer by layer (k x k per layer, row-major); or, for ``all``, every token of the
+first requested layer, then of the next.
+
+``backbone_arrays`` is the one place where a backbone's output becomes the arrays a TokenSet
+reads, so that cached features (extraction) and live ones (mode=end2end) are the same.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TOKEN_KINDS = ("cls", "ap", "cls+ap", "all")
+TOKEN_KINDS = ("cls", "ap", "cls+ap", "all",
+               "regions", "cls+regions", "ap+regions", "cls+ap+regions")
 
 
 def resolve_layers(spec, num_layers: int) -> list[int]:
@@ -42,55 +48,122 @@ def resolve_layers(spec, num_layers: int) -> list[int]:
 class TokenSet:
     """Selects, normalises and stacks tokens.
 
-    layers: layer numbers 1..L; tokens: cls | ap | cls+ap | all (all tokens of the last layer);
+    layers: layer numbers 1..L; tokens: one of TOKEN_KINDS (``all``: every token of each layer;
+    ``regions``: k x k average-pooled patch regions per layer); regions: k for region kinds;
     flat: concatenate into one vector per sample (linear probes), dropping padding.
     """
 
     layers: tuple[int, ...]
     tokens: str = "cls+ap"
     flat: bool = False
+    regions: int | None = None
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_KINDS:
             raise ValueError(f"unknown token kind {self.tokens!r}: use one of {TOKEN_KINDS}")
+        if self.has_regions and not (isinstance(self.regions, int) and self.regions >= 1):
+            raise ValueError(f"probe.tokens={self.tokens} needs probe.regions=k (regions per "
+                             f"side, e.g. 2 or 4), not {self.regions!r}")
+        if self.regions and not self.has_regions:
+            raise ValueError(f"probe.regions={self.regions} is set but probe.tokens="
+                             f"{self.tokens} has no regions: use probe.tokens="
+                             f"{'regions' if self.tokens == 'all' else self.tokens + '+regions'}"
+                             " or probe.regions=null")
 
-    def num_tokens(self, num_patch_tokens: int | None = None) -> int:
+    @property
+    def kinds(self) -> list[str]:
+        """The token kinds in stacking order: a subset of cls, ap, regions; or [all]."""
+        return self.tokens.split("+")
+
+    @property
+    def has_regions(self) -> bool:
+        return "regions" in self.kinds
+
+    @property
+    def is_spatial(self) -> bool:
+        """True when the probe sees patch-level tokens (all tokens or regions), not only CLS/AP."""
+        return self.tokens == "all" or self.has_regions
+
+    @property
+    def token_layers(self) -> list[int] | None:
+        """The layers whose every token is needed (tokens=all), else None."""
+        return list(self.layers) if self.tokens == "all" else None
+
+    def num_tokens(self, tokens_per_layer: int | None = None) -> int:
+        """T: the number of stacked tokens; ``all`` needs the tokens per layer (1 + prefix +
+        patches)."""
         if self.tokens == "all":
-            return num_patch_tokens
-        return len(self.layers) * (2 if self.tokens == "cls+ap" else 1)
+            return len(self.layers) * tokens_per_layer
+        return sum(len(self.layers) * self._per_layer(kind) for kind in self.kinds)
+
+    def _per_layer(self, kind: str) -> int:
+        return self.regions ** 2 if kind == "regions" else 1
+
+    def token_widths(self, dims: list[int], tokens_per_layer: int | None = None) -> list[int]:
+        """The true width of each of the T stacked tokens, in stacking order."""
+        layer_dims = [dims[i - 1] for i in self.layers]
+        if self.tokens == "all":
+            return [d for d in layer_dims for _ in range(tokens_per_layer)]
+        return [d for kind in self.kinds for d in layer_dims for _ in range(self._per_layer(kind))]
 
     def __call__(self, cls: torch.Tensor | None, ap: torch.Tensor | None,
-                 tokens: torch.Tensor | None = None, dims: list[int] | None = None
-                 ) -> torch.Tensor:
-        """cls, ap: (N, L, D) per-layer vectors; tokens: (N, T, D) all last-layer tokens.
+                 tokens: torch.Tensor | None = None, dims: list[int] | None = None,
+                 regions: torch.Tensor | None = None) -> torch.Tensor:
+        """cls, ap: (N, L, D) per-layer vectors; tokens: (N, len(layers), T, D) all tokens of the
+        token set's layers (or (N, T, D) of the last layer); regions: (N, L, k*k, D).
 
         Returns (N, T', D) float32, or (N, sum of true widths) when flat.
         """
         if self.tokens == "all":
-            x = tokens.float()
-            widths = [x.shape[-1]] * x.shape[1]
+            if tokens is None:
+                raise ValueError("probe.tokens=all needs the all-token array: extract the cache "
+                                 "(or run the backbone) with this probe's settings")
+            per_layer = tokens.shape[-2]
+            x = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]).float()
         else:
+            per_layer = None
             idx = [i - 1 for i in self.layers]
-            parts = []
-            if self.tokens in ("cls", "cls+ap"):
-                parts.append(cls[:, idx])
-            if self.tokens in ("ap", "cls+ap"):
-                parts.append(ap[:, idx])
+            arrays = dict(cls=cls, ap=ap, regions=regions)
+            missing = [k for k in self.kinds if arrays[k] is None]
+            if missing:
+                raise ValueError(f"probe.tokens={self.tokens} needs the {missing} arrays: the "
+                                 "features were extracted without them")
+            parts = [arrays[kind][:, idx].flatten(1, -2) for kind in self.kinds]
             x = torch.cat(parts, dim=1).float()
-            layer_dims = [dims[i] for i in idx] if dims else [x.shape[-1]] * len(idx)
-            widths = layer_dims * len(parts)
         x = F.normalize(x, dim=-1)
         if not self.flat:
             return x
+        widths = self.token_widths(dims or [x.shape[-1]] * max(self.layers), per_layer)
         if all(w == x.shape[-1] for w in widths):
             return x.flatten(1)
         return torch.cat([x[:, t, :w] for t, w in enumerate(widths)], dim=1)
 
+    def from_arrays(self, arrays: dict[str, torch.Tensor], dims: list[int]) -> torch.Tensor:
+        """The stacked tokens from a dict of arrays named as in the cache (cls, ap, tokens,
+        regions): see ``__call__``."""
+        return self(arrays.get("cls"), arrays.get("ap"), arrays.get("tokens"), dims,
+                    regions=arrays.get("regions"))
+
     def width(self, dims: list[int], num_patch_tokens: int | None = None) -> int:
-        """The input width a probe sees: D, or the flat length."""
+        """The input width a probe sees: D, or the flat length (``all``: tokens per layer)."""
         if not self.flat:
             return max(dims)
-        if self.tokens == "all":
-            return dims[-1] * num_patch_tokens
-        per_layer = [dims[i - 1] for i in self.layers]
-        return sum(per_layer) * (2 if self.tokens == "cls+ap" else 1)
+        return sum(self.token_widths(dims, num_patch_tokens))
+
+
+def backbone_arrays(backbone, images: torch.Tensor, token_set: TokenSet
+                    ) -> dict[str, torch.Tensor]:
+    """One forward of a TappedBackbone -> the arrays ``token_set`` reads, named as in the cache.
+
+    cls, ap: (B, L, D) of every layer; tokens: (B, len(layers), T, D) all tokens of the token
+    set's layers (tokens=all only); regions: (B, L, k*k, D) of every layer (region kinds only).
+    Extraction stores these; mode=end2end stacks them with ``token_set.from_arrays``.
+    """
+    out = backbone(images, token_layers=token_set.token_layers,
+                   regions=token_set.regions if token_set.has_regions else None)
+    arrays = dict(cls=out.cls, ap=out.ap)
+    if out.tokens is not None:
+        arrays["tokens"] = out.tokens
+    if out.regions is not None:
+        arrays["regions"] = out.regions
+    return arrays

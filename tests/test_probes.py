@@ -163,9 +163,13 @@ def test_narrower_last_layer_is_zero_padded_for_attention_and_unpadded_for_conca
     assert probe.head.in_features == width
 
 
-def test_all_tokens_need_the_last_layer_and_bad_layer_sets_are_refused():
-    with pytest.raises(ValueError, match="probe.layers=last"):
-        build_token_set(probe_config("aat", "probe.layers=all"), 12)
+def test_all_tokens_of_any_layer_set_and_bad_layer_sets_are_refused():
+    """tokens=all stacks every token of each requested layer, layer after layer."""
+    token_set = build_token_set(probe_config("aat", "probe.layers=quarterly"), 12)
+    tokens = torch.randn(2, 4, 17, 64)  # (N, layers, T, D) as cached
+    x = token_set(None, None, tokens, [64] * 12)
+    assert tuple(x.shape) == (2, 4 * 17, 64) and token_set.num_tokens(17) == 68
+    torch.testing.assert_close(x[:, 17], torch.nn.functional.normalize(tokens[:, 1, 0], dim=-1))
     with pytest.raises(ValueError, match="unknown layer set"):
         resolve_layers("middle", 12)
     with pytest.raises(ValueError, match=r"outside 1\.\.12"):

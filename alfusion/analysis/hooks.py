@@ -17,7 +17,12 @@ import numpy as np
 import torch
 
 from alfusion import tracking
-from alfusion.analysis.attention import layer_attention, write_attention
+from alfusion.analysis.attention import (
+    layer_attention,
+    spatial_attention,
+    write_attention,
+    write_spatial_attention,
+)
 from alfusion.analysis.cka import cka_matrix
 from alfusion.analysis.layers import (
     curves,
@@ -27,11 +32,13 @@ from alfusion.analysis.layers import (
     write_layer_scores,
 )
 from alfusion.analysis.plots import heatmap
+from alfusion.data import build_dataset
 from alfusion.data.extract import load_or_extract
 from alfusion.metrics import num_classes_of
 from alfusion.search import expand_grid
 
 ANALYSES = ("layers", "cka")
+SPATIAL_IMAGES = 4  # test images with a spatial attention map (region and all-token probes)
 
 
 def requested(cfg) -> list[str]:
@@ -52,9 +59,16 @@ def analyse_run(cfg, run_dir: Path, logger, probe: torch.nn.Module, token_set,
     out: dict = {}
     files: list[tuple[Path, str]] = []
     if cfg.probe.kind == "attentive" and x_test is not None:
-        att = layer_attention(probe, x_test, token_set)
+        layout = token_layout(cfg, token_set, device)
+        att = layer_attention(probe, x_test, token_set, layout)
         files += [(f, "attention") for f in write_attention(att, run_dir / "attention", title)]
-        out["attention_layer_mass"] = att.layer_mass() if att.kinds != ["token"] else None
+        out["attention_layer_mass"] = att.layer_mass()
+        if token_set.is_spatial:
+            mean, maps = spatial_attention(probe, x_test, token_set, layout, SPATIAL_IMAGES)
+            path = write_spatial_attention(mean, maps, list(token_set.layers),
+                                           run_dir / "attention" / "spatial_attention.png",
+                                           first_test_images(cfg, len(maps)), title)
+            files.append((path, "attention"))
     names = requested(cfg)
     accuracy = None
     if "layers" in names:
@@ -76,6 +90,23 @@ def analyse_run(cfg, run_dir: Path, logger, probe: torch.nn.Module, token_set,
     for path, folder in files:
         tracking.log_artifact(logger, path, folder)
     return out
+
+
+def token_layout(cfg, token_set, device) -> dict | None:
+    """The test entry's token layout (prefix tokens, patch grid) for all-token probes, else
+    None; the entry is the one the run trained on, so this reads its meta.json only."""
+    if token_set.tokens != "all":
+        return None
+    return load_or_extract(cfg, "test", device).meta.get("token_layout")
+
+
+def first_test_images(cfg, n: int) -> list | None:
+    """The first n test images (PIL, untransformed) of a map-style dataset (digits, folder),
+    drawn beside their spatial maps; None for a streamed one (no random access)."""
+    if cfg.dataset.source == "wds":
+        return None
+    dataset = build_dataset(cfg.dataset, "test")
+    return [dataset[i][0] for i in range(min(n, len(dataset)))]
 
 
 def _cache_tokens(cfg, split: str, device):

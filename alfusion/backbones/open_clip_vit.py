@@ -59,5 +59,6 @@ def tap_model(visual: nn.Module, preprocess, cfg) -> tuple[TappedBackbone, objec
         tap_names=tap_names(depth, cfg.get("tap", "norm2"), final),
         num_prefix_tokens=1,
         dims=[width] * (depth - 1) + [out_dim],
+        patch_size=visual.patch_size,
     )
     return tapped, preprocess

@@ -50,6 +50,7 @@ def tap_model(model: nn.Module, cfg) -> tuple[TappedBackbone, object]:
         tap_names=tap_names(depth, cfg.get("tap", "norm2"), cfg.get("final", "norm")),
         num_prefix_tokens=model.num_prefix_tokens,
         dims=[model.embed_dim] * depth,
+        patch_size=model.patch_embed.patch_size,
     )
     return tapped, eval_transform(model, cfg)
 

@@ -5,7 +5,8 @@ readable form, the row count and the array shapes) and one ``.npy`` file per arr
 
     cls.npy     (N, L, D) float16   token 0 of every tapped layer
     ap.npy      (N, L, D) float16   mean patch token of every tapped layer
-    tokens.npy  (N, T, D) float16   all tokens of the last layer (only when asked for)
+    tokens.npy  (N, L', T, D) float16   all tokens of the probe's L' layers (only when asked for)
+    regions.npy (N, L, k*k, D) float16  k x k pooled patch regions of every layer (when asked)
     labels.npy  (N,)      int64
 
 The hash covers every fingerprint input, so features are never reused across settings. Entries
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARRAYS = ("cls", "ap", "tokens", "labels")
+ARRAYS = ("cls", "ap", "tokens", "regions", "labels")
 HASH = "sha256"  # hashlib name; about 1.7 GB/s on one x86_64 core with SHA extensions
 
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from alfusion.data import build_dataset, dataset_identity, split_signature, with_transform
 from alfusion.data.cache import CacheEntry, EntryWriter, FeatureCache
 from alfusion.data.wds import WebDatasetSource, part_of_stream
+from alfusion.tokens import TokenSet, backbone_arrays
 
 FORMAT_VERSION = 1  # bump when the meaning of stored arrays changes
 
@@ -38,7 +39,7 @@ def weights_identity(path: str | None) -> dict | None:
 
 def feature_fingerprint(cfg, split: str) -> dict:
     """Every input that decides the cached arrays: backbone, weights, tap, transform, dtype,
-    dataset identity, split, token kinds."""
+    dataset identity, split, token kinds (which layers' all tokens, the regions per side)."""
     backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone["weights"] = weights_identity(backbone.get("weights"))
     fingerprint = dict(
@@ -46,13 +47,32 @@ def feature_fingerprint(cfg, split: str) -> dict:
         backbone=backbone,
         dataset=dataset_identity(cfg.dataset),
         split=split,
-        all_tokens=bool(cfg.probe.tokens == "all"),
+        all_tokens=all_token_layers(cfg.probe),
         dtype="float16",
     )
+    regions = region_size(cfg.probe)
+    if regions:  # only then, so that CLS/AP entries keep their names
+        fingerprint["regions"] = regions
     files = split_signature(cfg.dataset, split)
     if files is not None:
         fingerprint["data_files"] = files
     return fingerprint
+
+
+def all_token_layers(probe_cfg):
+    """False, or the probe's layer set (as written: a name or a list) whose all tokens the entry
+    stores; the backbone in the fingerprint fixes what a name such as quarterly means."""
+    if probe_cfg.tokens != "all":
+        return False
+    layers = probe_cfg.layers
+    return layers if isinstance(layers, str) else [int(i) for i in layers]
+
+
+def region_size(probe_cfg) -> int | None:
+    """k (regions per side) when the probe's tokens include regions, else None."""
+    if "regions" not in str(probe_cfg.tokens).split("+"):
+        return None
+    return probe_cfg.get("regions")
 
 
 def autocast(device: torch.device):
@@ -64,7 +84,7 @@ def autocast(device: torch.device):
 
 @torch.inference_mode()
 def extract(backbone, dataset: Dataset, writer: EntryWriter, batch_size: int = 64,
-            num_workers: int = 0, all_tokens: bool = False, chunk_rows: int = 1024,
+            num_workers: int = 0, token_set: TokenSet | None = None, chunk_rows: int = 1024,
             device: str | torch.device = "cpu", desc: str = "extract",
             progress: bool = True) -> int:
     """Run ``backbone`` over ``dataset`` in order and write chunks of fp16 features.
@@ -72,11 +92,14 @@ def extract(backbone, dataset: Dataset, writer: EntryWriter, batch_size: int = 6
     Resumes after the rows of the chunks already written: those rows are skipped by the source
     (a streamed one reads past them without decoding) and never reach the backbone. Each chunk
     holds ``chunk_rows`` rows, rounded up to whole batches so that a resumed run sees exactly the
-    batches of an uninterrupted one (the last chunk may be shorter): cls/ap (n, L, D),
-    tokens (n, T, D) if asked, labels (n,). Returns the number of rows extracted now.
+    batches of an uninterrupted one (the last chunk may be shorter): cls/ap (n, L, D), and
+    what ``token_set`` asks for beyond them (see ``backbone_arrays``): tokens
+    (n, len(layers), T, D), regions (n, L, k*k, D); labels (n,). Returns the number of rows
+    extracted now.
     """
     device = torch.device(device)
     backbone.to(device)
+    token_set = token_set or TokenSet((1,), "cls+ap")  # CLS and AP of every layer only
     chunk_rows = -(-chunk_rows // batch_size) * batch_size
     dataset = skip_rows(dataset, writer.done_rows())
     if isinstance(dataset, WebDatasetSource):
@@ -93,10 +116,8 @@ def extract(backbone, dataset: Dataset, writer: EntryWriter, batch_size: int = 6
                or os.environ.get("ALFUSION_NO_PROGRESS") == "1")
     for images, labels in loader:
         with autocast(device):
-            out = backbone(images.to(device, non_blocking=True), all_tokens=all_tokens)
-        arrays = dict(cls=out.cls, ap=out.ap, labels=labels)
-        if all_tokens:
-            arrays["tokens"] = out.tokens[:, -1]
+            arrays = backbone_arrays(backbone, images.to(device, non_blocking=True), token_set)
+        arrays["labels"] = labels
         for name, value in arrays.items():
             value = value.cpu()
             pending.setdefault(name, []).append(
@@ -167,21 +188,29 @@ def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> Cach
     if entry is not None:
         return entry
     from alfusion.backbones import build_backbone
+    from alfusion.probes import build_token_set  # late: probes import the training engine
 
     dataset = build_dataset(cfg.dataset, split)
     backbone, transform = build_backbone(cfg.backbone)
+    token_set = build_token_set(cfg.probe, len(backbone.dims))
+    layout = None
+    if token_set.is_spatial:
+        layout = token_layout(backbone, transform)
+        check_cache_budget(cfg, split, len_or_none(dataset), token_set, layout, backbone)
     dataset = with_transform(dataset, transform)
     rank, world = distributed_rank()
     device = torch.device(device)
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     settings = dict(batch_size=cfg.extract.batch_size, num_workers=cfg.extract.num_workers,
-                    all_tokens=fingerprint["all_tokens"], chunk_rows=cfg.extract.chunk_rows,
+                    token_set=token_set, chunk_rows=cfg.extract.chunk_rows,
                     device=device, progress=rank == 0,
                     desc=f"extract {cfg.dataset.name}/{split}")
     meta = dict(dims=backbone.dims, transform=str(transform),
                 num_classes=getattr(dataset, "num_classes", None)
                 or cfg.dataset.get("num_classes"))
+    if layout is not None:
+        meta["token_layout"] = layout
     t0 = time.perf_counter()
     if world > 1:
         return _extract_ranks(cache, fingerprint, dataset, backbone, settings, meta, rank, world)
@@ -192,6 +221,81 @@ def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> Cach
         writer = EntryWriter(cache, fingerprint)
         extract(backbone, dataset, writer, **settings)
         return writer.finish(dict(meta, extract_seconds=round(time.perf_counter() - t0, 2)))
+
+
+class CacheTooLarge(RuntimeError):
+    """The cache entries a run would extract exceed ``extract.max_cache_gb``."""
+
+
+def len_or_none(dataset) -> int | None:
+    """The row count of a split; None for a stream whose length is unknown."""
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+@torch.inference_mode()
+def token_layout(backbone, transform) -> dict:
+    """One blank image through the backbone (before any extraction): the tokens per layer,
+    prefix tokens and patch grid that the backbone yields at the transform's input size."""
+    from PIL import Image
+
+    image = transform(Image.new("RGB", (256, 256)))[None]
+    out = backbone(image, token_layers=[len(backbone.dims)])
+    return dict(tokens_per_layer=int(out.tokens.shape[2]),
+                num_prefix_tokens=int(out.num_prefix_tokens),
+                grid=list(out.grid) if out.grid else None)
+
+
+def bytes_per_image(token_set: TokenSet, num_layers: int, width: int,
+                    tokens_per_layer: int) -> int:
+    """fp16 bytes one image takes in the entry: CLS and AP (2 x L x D), plus all tokens of the
+    token set's layers (layers x T x D) or regions of every layer (L x k*k x D), plus its label."""
+    vectors = 2 * num_layers
+    if token_set.token_layers:
+        vectors += len(token_set.token_layers) * tokens_per_layer
+    if token_set.has_regions:
+        vectors += num_layers * token_set.regions ** 2
+    return 2 * vectors * width + 8
+
+
+def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet, layout: dict,
+                       backbone) -> None:
+    """Refuse, before anything is written, a run whose entries (every split it extracts) would
+    exceed ``extract.max_cache_gb``; say by how much and what to do instead."""
+    budget = cfg.extract.get("max_cache_gb")
+    if budget is None:
+        return
+    per_image = bytes_per_image(token_set, len(backbone.dims), backbone.width,
+                                layout["tokens_per_layer"])
+    counts = {split: rows}
+    for other in splits_to_extract(cfg):
+        if other not in counts and FeatureCache(cfg.paths.cache).load(
+                feature_fingerprint(cfg, other)) is None:
+            counts[other] = len_or_none(build_dataset(cfg.dataset, other))
+    known = {s: n for s, n in counts.items() if n is not None}
+    total = per_image * sum(known.values())
+    if total <= budget * 1e9:
+        return
+    what = (f"all tokens of layers {list(token_set.layers)} "
+            f"({layout['tokens_per_layer']} per layer)" if token_set.token_layers
+            else f"{token_set.regions}x{token_set.regions} regions of {len(backbone.dims)} layers")
+    images = " + ".join(f"{n} {s}" for s, n in known.items())
+    raise CacheTooLarge(
+        f"probe.tokens={token_set.tokens} would cache {total / 1e9:.3g} GB ({images} images x "
+        f"{per_image / 1e3:.3g} kB: {what}, D={backbone.width}, fp16), over the budget "
+        f"extract.max_cache_gb={budget}. Alternatives: mode=end2end (no cache: tokens are "
+        "computed in each step), fewer layers (probe.layers=last or middle_last), region "
+        "tokens (probe.tokens=cls+ap+regions probe.regions=2: k*k tokens per layer), or raise "
+        "extract.max_cache_gb.")
+
+
+def splits_to_extract(cfg) -> list[str]:
+    """The splits a command extracts: extract.splits for task=extract, else train and test."""
+    if cfg.get("task") == "extract":
+        return list(cfg.extract.splits)
+    return ["train", "test"]
 
 
 def _extract_ranks(cache: FeatureCache, fingerprint: dict, dataset: Dataset, backbone,

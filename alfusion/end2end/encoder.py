@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alfusion.backbones import TappedBackbone
-from alfusion.tokens import TokenSet
+from alfusion.tokens import TokenSet, backbone_arrays
 
 
 class TokenEncoder(nn.Module):
@@ -65,9 +65,8 @@ class TokenEncoder(nn.Module):
         grad = self.trainable and torch.is_grad_enabled()
         # no_grad rather than inference_mode: the probe saves these tokens for its backward.
         with torch.set_grad_enabled(grad), self._autocast(images):
-            out = self.backbone(images, all_tokens=self.token_set.tokens == "all")
-        tokens = out.tokens[:, -1] if out.tokens is not None else None
-        return self.token_set(out.cls, out.ap, tokens, out.dims)
+            arrays = backbone_arrays(self.backbone, images, self.token_set)
+        return self.token_set.from_arrays(arrays, self.backbone.dims)
 
 
 def state_checksum(module: nn.Module) -> str:

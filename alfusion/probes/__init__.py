@@ -12,25 +12,39 @@ from alfusion.tokens import TokenSet, resolve_layers
 __all__ = ["AttentiveProbe", "LinearProbe", "ProbeBank", "build_probe", "build_token_set"]
 
 
+# Heads of an attentive probe whose config leaves num_heads null and whose tokens are spatial
+# (all tokens or regions: hundreds to thousands of tokens): AAT's 8. One head per token, the
+# paper's rule for ALF's 2L tokens, would give heads of 2 * (D // T) dimensions or fewer (none at
+# all once T > D), and the probe's size A = H * 2 * (D // H) stays about 2D either way.
+SPATIAL_HEADS = 8
+
+
 def build_token_set(probe_cfg, num_layers: int) -> TokenSet:
+    """The TokenSet of a ``conf/probe`` config for a backbone of ``num_layers`` layers."""
     layers = resolve_layers(probe_cfg.layers, num_layers)
-    if probe_cfg.tokens == "all" and layers != [num_layers]:
-        # The cache holds all tokens of the final output only; other layers would be ignored.
-        raise ValueError(f"probe.tokens=all uses the final output only, but probe.layers="
-                         f"{probe_cfg.layers}: set probe.layers=last")
-    return TokenSet(tuple(layers), probe_cfg.tokens, flat=probe_cfg.kind == "linear")
+    return TokenSet(tuple(layers), probe_cfg.tokens, flat=probe_cfg.kind == "linear",
+                    regions=probe_cfg.get("regions"))
+
+
+def attentive_heads(probe_cfg, token_set: TokenSet, num_tokens: int) -> int:
+    """probe.num_heads where given; else one head per token for CLS/AP token sets (the paper's
+    ALF: up to 2L tokens) and SPATIAL_HEADS for all-token and region token sets."""
+    if probe_cfg.get("num_heads"):
+        return int(probe_cfg.num_heads)
+    return SPATIAL_HEADS if token_set.is_spatial else num_tokens
 
 
 def build_probe(probe_cfg, token_set: TokenSet, dims: list[int], num_classes: int,
                 num_tokens: int, attn_drop: float = 0.0) -> nn.Module:
     """A fresh probe for inputs of ``num_tokens`` tokens (attentive) or a flat vector (linear).
 
-    Attentive probes default to one head per token (the paper's ALF); head_dim doubles D // H.
+    Attentive probes: heads from ``attentive_heads`` (ALF: one per token); head_dim doubles
+    D // H.
     """
     if probe_cfg.kind == "linear":
         return LinearProbe(token_set.width(dims, num_tokens), num_classes)
     if probe_cfg.kind == "attentive":
-        heads = probe_cfg.get("num_heads") or num_tokens
+        heads = attentive_heads(probe_cfg, token_set, num_tokens)
         return AttentiveProbe(max(dims), num_classes, num_heads=heads,
                               head_dim=probe_cfg.get("head_dim"), attn_drop=attn_drop)
     raise ValueError(f"unknown probe kind {probe_cfg.kind!r}: use linear or attentive")
