@@ -70,13 +70,14 @@ def image_inputs(cfg, encoder: TokenEncoder, eval_tf, device: torch.device,
                              "grid or few-shot in end-to-end mode: set search=none "
                              "search.validate=false fewshot_k=null (or cache its features: "
                              "mode=cached)")
-    parts = {split: ImageData(shown, plain, labels_of(plain, settings.num_workers), encoder,
-                              settings) for split, (shown, plain) in datasets.items()}
     any_split = next(iter(datasets.values()))[1]
     with torch.no_grad():
         was = encoder.training
         probe_input = encoder.eval()(first_image(any_split)[None].to(device))
         encoder.train(was)
+    parts = {split: ImageData(shown, plain, labels_of(plain, settings.num_workers), encoder,
+                              settings, tuple(probe_input.shape[1:]))
+             for split, (shown, plain) in datasets.items()}
     num_tokens = probe_input.shape[1] if probe_input.dim() == 3 else None
     return ImageInputs(parts.get("train"), parts.get("test"), encoder.token_set,
                        encoder.backbone.dims, num_tokens)

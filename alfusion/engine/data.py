@@ -54,6 +54,11 @@ class TokenData:
     def labels(self) -> torch.Tensor:
         return self.y
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What a probe reads of one sample: (T, D) or (F,)."""
+        return tuple(self.x.shape[1:])
+
     def __len__(self) -> int:
         return len(self.y)
 
@@ -87,6 +92,7 @@ class ImageData:
     y: torch.Tensor
     encoder: torch.nn.Module
     settings: object
+    sample_shape: tuple[int, ...] = (1,)  # the encoder's tokens of one image: (T, D) or (F,)
     parallel: str = field(default="data")  # under DDP each rank takes its share of a batch
 
     @property
@@ -105,7 +111,8 @@ class ImageData:
                              "search.validate=false fewshot_k=null (or mode=cached)")
         idx_list = [int(i) for i in idx]
         return ImageData(Subset(self.train, idx_list), Subset(self.plain, idx_list),
-                         self.y[torch.as_tensor(idx)], self.encoder, self.settings)
+                         self.y[torch.as_tensor(idx)], self.encoder, self.settings,
+                         self.sample_shape)
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
               pin_memory: bool = False, audit: Path | None = None):

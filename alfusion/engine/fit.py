@@ -116,7 +116,10 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     images = data.parallel == "data"
     every = cfg.train.get("checkpoint_every") or 0
-    callbacks = [StepCheckpoint(checkpoints, every)] if checkpoints is not None and every else []
+    interrupted = Interrupted()
+    callbacks = [interrupted]
+    if checkpoints is not None and every:
+        callbacks.append(StepCheckpoint(checkpoints, every))
     trainer = make_trainer(cfg.trainer, logger=logger, callbacks=callbacks)
     world, rank = trainer.world_size, trainer.global_rank
     data_world = world if images else 1
@@ -137,11 +140,12 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
     draws = "shared" if positions is not None else train.get("jitter_draws", "shared")
 
     def make_step(part: ProbeBank, share: slice) -> BankStep:
-        sample = data.x.shape[1:] if not images else (1,)
-        chunk = auto_chunk(part, plan.batch // data_world, sample, draws == "per_probe")
+        # Per-layer heads (positions) are tiny: one pass. Otherwise passes sized by memory.
+        chunk = None if positions is not None else auto_chunk(
+            part, plan.batch // data_world, data.sample_shape, draws == "per_probe")
         return BankStep(part, configs[share], plan.steps, weights, cfg.seed, train.jitter_p,
                         train.jitter_sigma, jitter_mode(cfg, images, trainable), draws,
-                        chunk=chunk if not images and positions is None else None,
+                        chunk=chunk,
                         extra=list(encoder.backbone.parameters()) if trainable else (),
                         extra_lr_scale=cfg.mode.get("backbone_lr_scale", 1.0),
                         sync=images and world > 1)
@@ -152,8 +156,6 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
         audit = checkpoints.parent.parent / "samples" / f"{checkpoints.name}_rank{rank}.json"
     loader = data.steps(plan, cfg.seed, start, data_world, rank,
                         pin_memory=trainer.strategy.root_device.type == "cuda", audit=audit)
-    interrupted = Interrupted()
-    trainer.callbacks.append(interrupted)
     try:
         trainer.fit(module, train_dataloaders=loader)
     except SystemExit:
