@@ -54,6 +54,14 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = Tr
     return proc
 
 
+def mlflow_runs(root: Path) -> list:
+    """The MLflow runs of the experiment "alfusion" in the SQLite store under ``root``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
+
+
 def signal_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final",
                                sig: int = signal.SIGKILL) -> tuple[Path, int, str]:
     """Start ``python -m alfusion ARGS`` (its run folder ``run_dir``), send it ``sig`` as soon

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-import mlflow
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
 
 from alfusion.data import build_dataset
 from alfusion.data.wds_writer import write_digits_wds
@@ -17,10 +16,6 @@ DDP_TINY = ["mode=end2end", "search.validate=false", "dataset.limit=64", "train.
             "end2end.batch_size=16", "train.min_steps=8", "end2end.num_workers=0",
             "end2end.jitter=off", "end2end.record_samples=true"]
 
-
-def mlflow_runs(root) -> list:
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
 
 
 def test_two_process_ddp_run_equals_one_process(tmp_path):

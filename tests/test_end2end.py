@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
 import torch
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
 
 from alfusion.backbones import build_backbone
 from alfusion.end2end.encoder import state_checksum
@@ -20,11 +19,6 @@ from alfusion.search import expand_grid, run_search
 E2E = ["mode=end2end", "search.validate=false", "end2end.num_workers=1"]
 
 
-def finished_runs(root) -> list:
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("alfusion")
-    return client.search_runs([experiment.experiment_id])
-
 
 def test_end2end_alf_and_finetune_through_the_cli(tmp_path):
     """A frozen ALF run leaves the backbone as built; a fine-tuning run changes it. Both end
@@ -33,7 +27,7 @@ def test_end2end_alf_and_finetune_through_the_cli(tmp_path):
     run_cli(*tiny_overrides(tmp_path, *E2E, f"hydra.run.dir={alf_dir}"))
     run_cli(*tiny_overrides(tmp_path, "probe=finetune", "mode=finetune", "search.validate=false",
                             "end2end.num_workers=0", f"hydra.run.dir={ft_dir}"))
-    runs = {r.data.tags["mlflow.runName"].split("/")[-1]: r for r in finished_runs(tmp_path)}
+    runs = {r.data.tags["mlflow.runName"].split("/")[-1]: r for r in mlflow_runs(tmp_path)}
     assert sorted(runs) == ["alf", "finetune"]
     for run in runs.values():
         assert run.info.status == "FINISHED"

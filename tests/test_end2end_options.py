@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, kill_at_first_checkpoint, run_cli, tiny_overrides
+from conftest import compose_config, kill_at_first_checkpoint, mlflow_runs, run_cli, tiny_overrides
 from torch.utils.data import DataLoader
 
 from alfusion.backbones import build_backbone
@@ -27,10 +26,6 @@ from alfusion.resume import ENV_RESUME_DIR, open_run_state
 
 E2E = ["mode=end2end", "search.validate=false", "end2end.num_workers=0"]
 
-
-def mlflow_runs(root) -> list:
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
 
 
 # --- streamed webdataset shards -----------------------------------------------------------------

@@ -10,15 +10,17 @@ import signal
 
 import mlflow
 import torch
-from conftest import kill_at_first_checkpoint, run_cli, signal_at_first_checkpoint, tiny_overrides
+from conftest import (
+    kill_at_first_checkpoint,
+    mlflow_runs,
+    run_cli,
+    signal_at_first_checkpoint,
+    tiny_overrides,
+)
 
 # A grid of 3 configurations (search=quick), 40 steps, a checkpoint every 5 steps, cached features.
 GRID = ["search=quick", "train.min_steps=40", "train.checkpoint_every=5"]
 
-
-def mlflow_runs(root) -> list:
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
 
 
 def test_a_grid_killed_midway_resumes_to_the_uninterrupted_result(tmp_path):

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import torch
-from conftest import kill_at_first_checkpoint, run_cli, tiny_overrides
+from conftest import kill_at_first_checkpoint, mlflow_runs, run_cli, tiny_overrides
 
 # 12 epochs of 5 steps, a checkpoint every 5 steps; jitter on (its streams are checkpointed).
 RESUME_TINY = ["mode=end2end", "search.validate=false", "train.min_steps=60",
                "end2end.num_workers=0", "train.checkpoint_every=5"]
 
-
-def mlflow_runs(root) -> list:
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
