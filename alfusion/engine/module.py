@@ -171,7 +171,7 @@ def make_trainer(trainer_cfg, logger=False, callbacks=()) -> L.Trainer:
         strategy=strategy,
         precision=resolve_precision(trainer_cfg),
         max_epochs=1,  # the loader yields exactly the fit's remaining steps
-        logger=logger,
+        logger=logger or False,  # None would make Lightning write lightning_logs/ here
         callbacks=list(callbacks),
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -62,7 +62,7 @@ class ProbeBank:
                 raise ValueError("a ProbeBank needs probes of one architecture and size")
         names = {n for n, _ in first.named_parameters()}
         states = [p.state_dict() for p in probes]
-        stacked = {k: torch.stack([s[k].detach() for s in states]).clone() for k in shapes}
+        stacked = {k: torch.stack([s[k].detach() for s in states]) for k in shapes}
         if dropouts is None:
             dropouts = [getattr(getattr(p, "attn_drop", None), "p", 0.0) for p in probes]
         template = copy.deepcopy(first).cpu()
