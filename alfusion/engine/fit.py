@@ -88,6 +88,9 @@ def auto_chunk(bank: ProbeBank, batch: int, sample_shape: Sequence[int], per_pro
         if bank.device.type != "cuda":
             return 1
         budget_bytes = torch.cuda.mem_get_info(bank.device)[0] // 2
+    # The bank's shared fp32 batch (input, jitter noise, normalised tokens) comes first: for
+    # all-token sets it is large (batch 2048 x 1,000 tokens x 768 = 6.3 GB each).
+    budget_bytes -= 3 * 4 * batch * math.prod(sample_shape)
     per = activation_bytes_per_probe(bank, batch, sample_shape, per_probe_inputs)
     return max(1, min(len(bank), budget_bytes // max(per, 1)))
 
