@@ -16,10 +16,10 @@ def finished_runs(root):
 def test_default_experiment_on_the_offline_vit_logs_a_finished_mlflow_run(tmp_path):
     # The default config (offline ViT-S/14, digits, ALF), shortened: 60 images per split.
     proc = run_cli(f"paths.root={tmp_path}", "dataset.limit=60", "train.min_steps=20",
-                   "trainer.progress_bar=false")
+                   "train.epochs=2", "trainer.progress_bar=false")
     assert "test balanced accuracy" in proc.stdout
     run_cli(f"paths.root={tmp_path}", "dataset.limit=60", "train.min_steps=20",
-            "trainer.progress_bar=false", "probe=linear")
+            "train.epochs=2", "trainer.progress_bar=false", "probe=linear")
     runs = finished_runs(tmp_path)
     assert {r.data.tags["mlflow.runName"] for r in runs} == {
         "digits/offline_vit_s14/alf", "digits/offline_vit_s14/linear"}
