@@ -79,14 +79,14 @@ class BankStep:
         self.exp_avgs = [torch.zeros_like(bank.params[n]) for n in self.names]
         self.exp_avg_sqs = [torch.zeros_like(bank.params[n]) for n in self.names]
         self.extra = list(extra)
+        self.extra_avgs = [torch.zeros_like(p) for p in self.extra]
+        self.extra_avg_sqs = [torch.zeros_like(p) for p in self.extra]
         if self.extra:
             hp = self.configs[0]
             # The head's schedule scaled: the backbone keeps its lr ratio down to the floor.
             self.extra_lrs = cosine_lrs([hp.lr * extra_lr_scale], total_steps,
                                         MIN_LR * extra_lr_scale)
             self.extra_decay = (1 - self.extra_lrs * hp.wd).float().to(device)
-            self.extra_avgs = [torch.zeros_like(p) for p in self.extra]
-            self.extra_avg_sqs = [torch.zeros_like(p) for p in self.extra]
         self.first_bad_step = torch.full((len(bank),), -1, dtype=torch.long, device=device)
         self.losses = torch.zeros(total_steps, len(bank), device=device)
         self.step_count = 0
@@ -177,8 +177,8 @@ class BankStep:
         # parameter whose .grad is None, it is neither clipped nor decayed nor updated.
         used = [i for i, grad in enumerate(probe_grads) if grad is not None]
         extra = [(p, g.unsqueeze(0), m, v) for p, g, m, v in
-                 zip(self.extra, extra_grads, getattr(self, "extra_avgs", []),
-                     getattr(self, "extra_avg_sqs", []), strict=False) if g is not None]
+                 zip(self.extra, extra_grads, self.extra_avgs, self.extra_avg_sqs, strict=True)
+                 if g is not None]
         clip_per_probe([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
         adamw_step([self.bank.params[self.names[i]][g0:g1] for i in used],
                    [probe_grads[i] for i in used],
@@ -211,15 +211,12 @@ class BankStep:
 
     def state_dict(self) -> dict:
         """Everything a resumed fit needs to continue bit for bit (tensors and ints only)."""
-        state = dict(step_count=self.step_count, first_bad_step=self.first_bad_step,
-                     losses=self.losses,
-                     params=self.bank.params, buffers=self.bank.buffers,
-                     exp_avgs=self.exp_avgs, exp_avg_sqs=self.exp_avg_sqs,
-                     streams=[s.generator.get_state() for s in self.streams],
-                     shared_stream=self.shared_stream.generator.get_state())
-        if self.extra:
-            state.update(extra_avgs=self.extra_avgs, extra_avg_sqs=self.extra_avg_sqs)
-        return state
+        return dict(step_count=self.step_count, first_bad_step=self.first_bad_step,
+                    losses=self.losses, params=self.bank.params, buffers=self.bank.buffers,
+                    exp_avgs=self.exp_avgs, exp_avg_sqs=self.exp_avg_sqs,
+                    extra_avgs=self.extra_avgs, extra_avg_sqs=self.extra_avg_sqs,
+                    streams=[s.generator.get_state() for s in self.streams],
+                    shared_stream=self.shared_stream.generator.get_state())
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
@@ -228,10 +225,8 @@ class BankStep:
         for name in ("params", "buffers"):
             for k, v in getattr(self.bank, name).items():
                 v.copy_(state[name][k])
-        for mine, saved in ((self.exp_avgs, state["exp_avgs"]),
-                            (self.exp_avg_sqs, state["exp_avg_sqs"]),
-                            (getattr(self, "extra_avgs", []), state.get("extra_avgs", [])),
-                            (getattr(self, "extra_avg_sqs", []), state.get("extra_avg_sqs", []))):
+        for name in ("exp_avgs", "exp_avg_sqs", "extra_avgs", "extra_avg_sqs"):
+            mine, saved = getattr(self, name), state[name]
             for a, b in zip(mine, saved, strict=True):
                 a.copy_(b)
         for stream, gen_state in zip(self.streams, state["streams"], strict=True):
