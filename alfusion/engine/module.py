@@ -34,7 +34,7 @@ from alfusion.probes.bank import ProbeBank
 for _message in (".*returned `None`, this fit will run with no optimizer",
                  ".*configure_optimizers.*must be implemented",
                  ".*module\\(s\\) in eval mode.*", r".*isinstance\(treespec, LeafSpec\)",
-                 ".*does not have many workers.*", ".*smaller than the logging interval"):
+                 ".*does not have many workers.*"):
     warnings.filterwarnings("ignore", message=_message)
 
 
