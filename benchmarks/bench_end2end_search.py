@@ -1,6 +1,6 @@
 """End-to-end search cost: a grid trained end to end vs one configuration, through the CLI.
 
-    time(mode=end2end search=S) / time(mode=end2end search=none), S = quick (4 configurations,
+    time(mode=end2end search=S) / time(mode=end2end search=none), S = quick (3 configurations,
     target <= 1.3) and paper (63, target <= 2.0)
 
 Both with the validation fit (``search.validate=true``, the default): search=none trains one
