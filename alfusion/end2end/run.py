@@ -16,6 +16,7 @@ from alfusion.data import build_dataset
 from alfusion.end2end.encoder import TokenEncoder
 from alfusion.end2end.images import augment_transform, labels_of
 from alfusion.engine import ImageData
+from alfusion.engine.data import STREAM_SPLIT_REFUSED
 from alfusion.probes import build_token_set
 from alfusion.search import expand_grid
 from alfusion.tokens import TokenSet
@@ -66,10 +67,7 @@ def image_inputs(cfg, encoder: TokenEncoder, eval_tf, device: torch.device,
     if "train" in datasets and isinstance(datasets["train"][0], IterableDataset):
         grid = expand_grid(cfg.search, attentive=cfg.probe.kind == "attentive")
         if cfg.search.validate or len(grid) > 1 or cfg.get("fewshot_k"):
-            raise ValueError("a streamed dataset cannot be split for validation, a search "
-                             "grid or few-shot in end-to-end mode: set search=none "
-                             "search.validate=false fewshot_k=null (or cache its features: "
-                             "mode=cached)")
+            raise ValueError(STREAM_SPLIT_REFUSED)
     any_split = next(iter(datasets.values()))[1]
     with torch.no_grad():
         was = encoder.training

@@ -19,6 +19,10 @@ from alfusion.end2end.images import eval_loader, train_loader
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan, epoch_permutation
 
+STREAM_SPLIT_REFUSED = ("a streamed dataset cannot be split for validation, a search grid or "
+                        "few-shot in end-to-end mode: set search=none search.validate=false "
+                        "fewshot_k=null (or cache its features: mode=cached)")
+
 
 class TensorSteps:
     """Batches (x[idx], y[idx]) of steps start .. plan.steps - 1: step s takes batch
@@ -106,9 +110,7 @@ class ImageData:
         if len(idx) == len(self.y):
             return self
         if isinstance(self.train, IterableDataset):
-            raise ValueError("a streamed dataset cannot be split for validation, a search "
-                             "grid or few-shot in end-to-end mode: set search=none "
-                             "search.validate=false fewshot_k=null (or mode=cached)")
+            raise ValueError(STREAM_SPLIT_REFUSED)
         idx_list = [int(i) for i in idx]
         return ImageData(Subset(self.train, idx_list), Subset(self.plain, idx_list),
                          self.y[torch.as_tensor(idx)], self.encoder, self.settings,
