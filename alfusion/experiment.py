@@ -82,8 +82,8 @@ def run_train(cfg, run_dir: Path) -> dict:
             tracking.log_config(logger, cfg, state.run_dir)
             if state.orphan_run_id:  # the killed run this folder held before
                 tracking.mark_killed(logger, state.orphan_run_id)
-        elif resuming and logger is not None:
-            logger.experiment.set_tag(logger.run_id, "resumed_in", str(run_dir))
+        elif resuming:
+            tracking.set_tag(logger, "resumed_in", str(run_dir))
         inputs = train_inputs(cfg, device)
         train, test = inputs["train"], inputs["test"]
         num_classes = num_classes_of(cfg, train.labels, test.labels)
