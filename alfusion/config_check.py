@@ -112,6 +112,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
     if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
         refuse("dataset.num_classes", num_classes,
                "null (read from the data) or an integer >= 2: a classifier needs two classes")
+    check_preprocess(cfg)
     fingerprint = select(cfg, "dataset.fingerprint")
     if fingerprint is not None and fingerprint not in FINGERPRINT_MODES:
         refuse("dataset.fingerprint", fingerprint, f"one of {', '.join(FINGERPRINT_MODES)}")
@@ -138,6 +139,17 @@ def check_config(cfg: DictConfig) -> DictConfig:
     if sigma is not None and (not is_number(sigma) or not math.isfinite(sigma) or sigma < 0):
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
     return cfg
+
+
+def check_preprocess(cfg: DictConfig) -> None:
+    """``backbone.preprocess``: paper (the paper's transform and input size for the backbone's
+    family) or model (the backbone's own eval transform)."""
+    from alfusion.backbones.preprocess import PREPROCESS_MODES
+
+    value = select(cfg, "backbone.preprocess")
+    if value is not None and value not in PREPROCESS_MODES:
+        refuse("backbone.preprocess", value, "paper (the paper's preprocessing and input size, "
+               "the default) or model (the backbone's own eval transform)")
 
 
 def check_mode(cfg: DictConfig) -> None:

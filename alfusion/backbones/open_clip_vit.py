@@ -8,6 +8,7 @@ from torch import nn
 
 from alfusion.backbones.hub import load_from_hub
 from alfusion.backbones.taps import TappedBackbone
+from alfusion.backbones.weights import check_fits, find_weights_file, read_state_dict
 
 
 def tap_names(depth: int, tap: str, final: str) -> list[str]:
@@ -23,24 +24,45 @@ def tap_names(depth: int, tap: str, final: str) -> list[str]:
 
 
 def create(cfg) -> tuple[nn.Module, object]:
-    """The OpenCLIP image tower of ``cfg`` and its eval preprocessing."""
+    """The OpenCLIP image tower of ``cfg`` and its eval preprocessing (the paper's too).
+
+    cfg.weights: an OpenCLIP checkpoint file (open_clip_pytorch_model.bin, .safetensors, a
+    training checkpoint with ``state_dict``), read by open_clip with weights_only=True.
+    cfg.model_kwargs: open_clip model config overrides (e.g. a smaller vision_cfg for tests).
+    """
     pretrained = None
     if cfg.get("pretrained", True) is not False:
-        pretrained = str(cfg.weights) if cfg.get("weights") else cfg.get("tag", "openai")
+        pretrained = (str(find_weights_file(cfg.weights)) if cfg.get("weights")
+                      else cfg.get("tag", "openai"))
+    kwargs = dict(cfg.get("model_kwargs") or {})
 
     def load():
-        return open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
+        return open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained, **kwargs)
 
     if pretrained is None:
         with torch.random.fork_rng():  # random weights: the same in every process
             torch.manual_seed(cfg.get("init_seed", 0))
             model, _, preprocess = load()
     elif cfg.get("weights"):
-        model, _, preprocess = load()
+        model, _, preprocess = _load_file(cfg, load, kwargs)
     else:
         model, _, preprocess = load_from_hub(
             load, what=f"OpenCLIP {cfg.name} ({pretrained})", key="backbone.weights")
     return model.visual, preprocess
+
+
+def _load_file(cfg, load, kwargs: dict):
+    """open_clip's loading of a local checkpoint; a file of another architecture is refused
+    with the keys and shapes that differ (open_clip's own error lists every key)."""
+    try:
+        return load()
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        model = open_clip.create_model(cfg.name, pretrained=None, **kwargs)
+        state = read_state_dict(cfg.weights)
+        check_fits(state, model, f"OpenCLIP {cfg.name}", cfg.weights)
+        raise
 
 
 def tap_model(visual: nn.Module, preprocess, cfg) -> tuple[TappedBackbone, object]:

