@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import open_clip
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from alfusion.backbones.hub import load_from_hub
@@ -34,7 +35,7 @@ def create(cfg) -> tuple[nn.Module, object]:
     if cfg.get("pretrained", True) is not False:
         pretrained = (str(find_weights_file(cfg.weights)) if cfg.get("weights")
                       else cfg.get("tag", "openai"))
-    kwargs = dict(cfg.get("model_kwargs") or {})
+    kwargs = OmegaConf.to_container(OmegaConf.create(dict(cfg.get("model_kwargs") or {})))
 
     def load():
         return open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained, **kwargs)

@@ -112,18 +112,24 @@ def describe(shape: tuple[int, int, int] | None) -> str:
 def check_fits(state: dict[str, torch.Tensor], model: nn.Module, what: str, path) -> None:
     """Raise WeightsMismatch unless ``state`` has exactly ``model``'s keys and shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: file {tuple(state[k].shape)}, model {expected[k]}"
-              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
+
+    def order(keys):  # the embeddings first: they say the most about an architecture
+        headline = ("pos_embed", "patch_embed.proj.weight", "visual.positional_embedding",
+                    "visual.conv1.weight")
+        return sorted(keys, key=lambda k: (k not in headline, ".blocks." in f".{k}", k))
+
+    missing = order(set(expected) - set(state))
+    unexpected = order(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+              for k in order(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
     if not (missing or unexpected or shapes):
         return
-    parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+    parts = [f"{len(items)} {label} (e.g. {'; '.join(items[:3])})"
              for label, items in (("keys missing from the file", missing),
                                   ("keys the model does not have", unexpected),
                                   ("tensors of another shape", shapes)) if items]
     raise WeightsMismatch(
-        f"backbone.weights={path} does not fit {what}: {'; '.join(parts)}. The file holds "
+        f"backbone.weights={path} does not fit {what}: {'. '.join(parts)}. The file holds "
         f"{describe(vit_shape(state))}; {what} is {describe(vit_shape(model.state_dict()))}. "
         f"Choose the backbone config of the file's architecture, or the weights file of "
         f"{what}."
