@@ -18,7 +18,10 @@ config for DINOv2 and MAE too: 518 px for DINOv2, a bicubic 248 px resize for MA
 
 from __future__ import annotations
 
-import torchvision.transforms as T
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torchvision is imported where a transform is built: config checks stay light
+    import torchvision.transforms as T
 
 PREPROCESS_MODES = ("paper", "model")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +52,8 @@ def hub_transform(crop: int = HUB_CROP) -> T.Compose:
     At the paper's 224 px: Resize(256) -> CenterCrop(224). Another ``crop`` (a
     ``backbone.img_size`` override) keeps the same crop fraction 224/256.
     """
+    import torchvision.transforms as T
+
     resize = HUB_RESIZE if crop == HUB_CROP else round(crop * HUB_RESIZE / HUB_CROP)
     return T.Compose([
         T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR),  # on the PIL image
