@@ -114,3 +114,33 @@ def test_unreachable_hub_fails_fast_with_the_fix(cfg, monkeypatch):
         with pytest.raises(BackboneUnavailable, match="backbone.weights="):
             build_backbone(OmegaConf.create(cfg))
         assert time.perf_counter() - start < 10
+
+
+def test_a_bad_preprocess_value_is_refused_naming_key_value_and_choices():
+    from conftest import compose_config
+
+    from alfusion.config_check import ConfigError, check_config
+
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_config("backbone=dinov2_s", "backbone.preprocess=timm"))
+    message = str(info.value)
+    assert "backbone.preprocess='timm'" in message and "paper" in message and "model" in message
+    check_config(compose_config("backbone=dinov2_s", "backbone.preprocess=model"))
+
+
+def test_the_preprocessing_is_part_of_the_cache_fingerprint():
+    """A cache extracted at timm's 518 px (preprocess=model) is never reused for the paper's
+    224 px, nor one from before the setting existed (no preprocess key)."""
+    from conftest import compose_config
+    from omegaconf import open_dict
+
+    from alfusion.data.cache import fingerprint_hash
+    from alfusion.data.extract import feature_fingerprint
+
+    paper = compose_config("backbone=dinov2_s")
+    model = compose_config("backbone=dinov2_s", "backbone.preprocess=model")
+    old = compose_config("backbone=dinov2_s")
+    with open_dict(old):
+        del old.backbone["preprocess"]
+    hashes = {fingerprint_hash(feature_fingerprint(c, "train")) for c in (paper, model, old)}
+    assert len(hashes) == 3
