@@ -38,20 +38,20 @@ def create(cfg) -> nn.Module:
     (or cfg.img_size) with the hub's interpolated positional embeddings: it is built at its own
     size, its weights loaded, then its embeddings interpolated by the hub's rule.
     """
-    hub_grid = hub_pos_embed(cfg)
+    hub_embed = uses_hub_pos_embed(cfg)
     kwargs = dict(num_classes=0, **(cfg.get("model_kwargs") or {}))
-    if cfg.get("img_size") and not hub_grid:
+    if cfg.get("img_size") and not hub_embed:
         kwargs["img_size"] = cfg.img_size
     model = _with_weights(cfg, kwargs)
-    if hub_grid:
+    if hub_embed:
         set_hub_input_size(model, cfg.get("img_size") or HUB_CROP)
     return model
 
 
-def hub_pos_embed(cfg) -> bool:
+def uses_hub_pos_embed(cfg) -> bool:
     """True where the paper's model interpolates its positional embeddings as the DINOv2 hub
     model does: a DINOv2 architecture with ``preprocess=paper``."""
-    return (preprocess_mode(cfg) == "paper" and cfg.name.partition(".")[0].endswith("_dinov2"))
+    return preprocess_mode(cfg) == "paper" and cfg.name.partition(".")[0].endswith("_dinov2")
 
 
 def _with_weights(cfg, kwargs: dict) -> nn.Module:
