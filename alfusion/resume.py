@@ -20,10 +20,13 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
+from alfusion.checkpoints import load_tensors, verify_checkpoints
+from alfusion.config_check import ConfigError
 from alfusion.distributed import is_global_zero
+
+__all__ = ["RunState", "load_tensors", "open_run_state"]
 
 STATE_FILE = "resume.json"
 ENV_RESUME_DIR = "ALFUSION_RESUME_DIR"
@@ -108,24 +111,12 @@ def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
     checkpoint (a dict with the engine's ``step`` state)."""
     path = Path(ckpt_path).expanduser().resolve()
     if path.parent.parent != Path(run_dir) / "checkpoints":
-        raise ValueError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
                          f"(those are {run_dir}/checkpoints/<stage>/last.rank0.pt): {CKPT_FIX}")
     data = load_tensors(path, "ckpt_path", CKPT_FIX)
     if not isinstance(data, dict) or "step_count" not in data.get("step", {}):
-        raise ValueError(f"ckpt_path={ckpt_path} is not an alfusion engine checkpoint (it has "
+        raise ConfigError(f"ckpt_path={ckpt_path} is not an alfusion engine checkpoint (it has "
                          f"no step state): {CKPT_FIX}")
-
-
-def load_tensors(path: Path, key: str, fix: str):
-    """torch.load with weights_only=True: tensors and plain containers, never code. A file
-    that needs anything else (a crafted pickle, a foreign format) or is damaged is refused,
-    naming ``key`` and ``fix``."""
-    try:  # memory-mapped: a fine-tuning checkpoint can be large
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many kinds of error for a damaged or unsafe file
-        raise ValueError(f"{key}={path} cannot be read as tensors and plain data ({err}); it "
-                         f"is damaged, not an alfusion file, or carries code, which is never "
-                         f"run: {fix}") from err
 
 
 def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
@@ -139,12 +130,15 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         previous = None
         if cfg.get("ckpt_path"):
             previous = run_folder_of(cfg.ckpt_path)
+            verify_checkpoints(previous)
             check_checkpoint(cfg.ckpt_path, previous)
         elif cfg.get("resume"):
             previous = find_unfinished(Path(cfg.paths.root), fingerprint)
             if previous is None:
                 print(f"[alfusion] resume=true: no unfinished run with this config under "
                       f"{cfg.paths.root}; starting a new run")
+            else:
+                verify_checkpoints(previous)  # before the MLflow run is reopened
         os.environ[ENV_RESUME_DIR] = str(previous or "")
     else:
         previous = Path(os.environ[ENV_RESUME_DIR]) if os.environ.get(ENV_RESUME_DIR) else None
