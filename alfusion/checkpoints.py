@@ -147,8 +147,10 @@ def verify_rank(last: Path) -> int:
                             f"no intact earlier checkpoint is beside it: {fix}")
 
 
-def verify_checkpoints(run_dir: Path) -> None:
-    """Verify every fit checkpoint of a run folder before it is resumed (see the module)."""
+def verify_checkpoints(run_dir: Path) -> dict[str, int]:
+    """Verify every fit checkpoint of a run folder before it is resumed (see the module);
+    {fit stage: the step it continues from}."""
+    found = {}
     for folder in sorted(p for p in (Path(run_dir) / "checkpoints").glob("*") if p.is_dir()):
         ranks = {p.name.removeprefix("last.").removeprefix("previous.")
                  for p in folder.glob("*.rank*.pt")}
@@ -156,3 +158,6 @@ def verify_checkpoints(run_dir: Path) -> None:
         if len(set(steps.values())) > 1:
             raise CheckpointDamaged(f"the checkpoints in {folder} are at different steps "
                                     f"({steps}): {stage_fix(folder)}")
+        if steps:
+            found[folder.name] = next(iter(steps.values()))
+    return found

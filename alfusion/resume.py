@@ -2,11 +2,12 @@
 
 ``<run dir>/resume.json`` holds the config fingerprint, the MLflow run id, the results of the
 finished fit stages ("grid", "final"; grid000, ... when fine-tuning) and whether the run
-finished. Each fit writes its engine checkpoint to ``<run dir>/checkpoints/<stage>/``.
-``resume=true`` continues the newest unfinished run with the same fingerprint under
-``paths.root``; ``ckpt_path=FILE`` continues the run that holds FILE. Either way finished
-stages are not repeated, the unfinished one goes on from its checkpoint, and everything logs
-into the same MLflow run. Cached and end-to-end runs alike.
+finished. Each fit writes its engine checkpoint to ``<run dir>/checkpoints/<stage>/``,
+checksummed (alfusion/checkpoints.py). ``resume=true`` continues the unfinished run of the same
+fingerprint in ``hydra.run.dir`` (wherever it is), else the newest one under ``paths.root``, and
+says which; ``ckpt_path=FILE`` continues the run that holds FILE. Its checkpoints are verified
+first. Either way finished stages are not repeated, the unfinished one goes on from its
+checkpoint, and everything logs into the same MLflow run. Cached and end-to-end runs alike.
 
 Under DDP only rank 0 decides which run to continue: it passes the decision to the ranks it
 launches in the environment (they inherit it), so every rank loads the same checkpoint.
@@ -87,6 +88,35 @@ def find_unfinished(root: Path, fingerprint: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+def is_unfinished(run_dir: Path, fingerprint: str) -> bool:
+    """Whether ``run_dir`` holds an unfinished run of this config."""
+    try:
+        data = json.loads((Path(run_dir) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return data.get("fingerprint") == fingerprint and not data.get("finished")
+
+
+def find_run_to_resume(run_dir: Path, root: Path, fingerprint: str) -> Path | None:
+    """``resume=true``: the unfinished run of this config in ``run_dir`` (``hydra.run.dir``,
+    wherever it is), else the newest one under ``root`` (``paths.root``); its checkpoints
+    verified. Says which run it continues, and from which steps."""
+    previous = run_dir if is_unfinished(run_dir, fingerprint) else find_unfinished(
+        root, fingerprint)
+    if previous is None:
+        print(f"[alfusion] resume=true: no unfinished run with this config in {run_dir} or "
+              f"under {root}; starting a new run", flush=True)
+        return None
+    steps = verify_checkpoints(previous)  # before the MLflow run is reopened
+    data = json.loads((previous / STATE_FILE).read_text())
+    done = sorted(data.get("stages") or {})
+    print(f"[alfusion] resume=true: continuing the unfinished run in {previous} (MLflow run "
+          f"{data.get('mlflow_run_id')}; finished fits: {', '.join(done) or 'none'}; "
+          + (", ".join(f"{stage} from step {step}" for stage, step in steps.items())
+             or "no fit checkpoint") + ")", flush=True)
+    return previous
+
+
 CKPT_FIX = ("pass <run folder>/checkpoints/<stage>/last.rank0.pt of an earlier run, or "
             "resume=true to continue the newest unfinished run of this config")
 
@@ -112,11 +142,11 @@ def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
     path = Path(ckpt_path).expanduser().resolve()
     if path.parent.parent != Path(run_dir) / "checkpoints":
         raise ConfigError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
-                         f"(those are {run_dir}/checkpoints/<stage>/last.rank0.pt): {CKPT_FIX}")
+                          f"(those are {run_dir}/checkpoints/<stage>/last.rank0.pt): {CKPT_FIX}")
     data = load_tensors(path, "ckpt_path", CKPT_FIX)
     if not isinstance(data, dict) or "step_count" not in data.get("step", {}):
         raise ConfigError(f"ckpt_path={ckpt_path} is not an alfusion engine checkpoint (it has "
-                         f"no step state): {CKPT_FIX}")
+                          f"no step state): {CKPT_FIX}")
 
 
 def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
@@ -133,12 +163,7 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
             verify_checkpoints(previous)
             check_checkpoint(cfg.ckpt_path, previous)
         elif cfg.get("resume"):
-            previous = find_unfinished(Path(cfg.paths.root), fingerprint)
-            if previous is None:
-                print(f"[alfusion] resume=true: no unfinished run with this config under "
-                      f"{cfg.paths.root}; starting a new run")
-            else:
-                verify_checkpoints(previous)  # before the MLflow run is reopened
+            previous = find_run_to_resume(run_dir, Path(cfg.paths.root), fingerprint)
         os.environ[ENV_RESUME_DIR] = str(previous or "")
     else:
         previous = Path(os.environ[ENV_RESUME_DIR]) if os.environ.get(ENV_RESUME_DIR) else None
