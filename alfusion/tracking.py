@@ -58,13 +58,30 @@ def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve().as_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite_store(uri, log_cfg.experiment, artifacts)
     tags = {k: str(v) for k, v in (log_cfg.get("tags") or {}).items()}
     if sweep_id() and "sweep" not in tags:
         tags["sweep"] = sweep_id()  # python -m alfusion.report --sweep <id> selects the sweep
     return MLFlowLogger(experiment_name=log_cfg.experiment, run_name=log_cfg.get("run_name"),
                         tracking_uri=uri, tags=tags or None, artifact_location=artifacts,
                         run_id=run_id)
+
+
+def prepare_sqlite_store(uri: str, experiment: str, artifacts: str | None) -> None:
+    """Create a SQLite store's tables and ``experiment`` under a file lock beside the database
+    (``<db>.lock``): two runs that start together against a new store would otherwise both
+    create MLflow's tables, and one fail ("table ... already exists")."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=artifacts)
 
 
 def sweep_id() -> str | None:
