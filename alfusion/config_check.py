@@ -4,13 +4,19 @@ key, its value and what is allowed, so that a typo fails in seconds, not after e
 ``check_config(cfg)`` also normalises plain intents: a single number for ``search.lr``,
 ``search.wd`` or ``search.dropout`` means a one-value grid. ``check_labels`` is the part that
 can only run once the labels of a split are read (the number of classes present).
+
+Every refusal is a ConfigError and ends the same way (``exit_refused``): one line on stderr,
+exit status 2, the traceback only when asked for (HYDRA_FULL_ERROR=1 or ALFUSION_DEBUG=1).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -28,6 +34,29 @@ FINGERPRINT_MODES = ("stat", "content")
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the key, the value and what is allowed."""
+
+
+class MissingFile(ConfigError, FileNotFoundError):
+    """A setting that names a file or folder that does not exist."""
+
+
+def full_errors() -> bool:
+    """Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1 or ALFUSION_DEBUG=1)."""
+    return "1" in (os.environ.get("HYDRA_FULL_ERROR"), os.environ.get("ALFUSION_DEBUG"))
+
+
+def refusal_line(err: ConfigError) -> str:
+    return "[alfusion] " + " ".join(str(err).split())
+
+
+def exit_refused(err: ConfigError) -> NoReturn:
+    """End the command on a refusal: its one line on stderr and exit status 2 (a SystemExit,
+    which Hydra lets through without its traceback), or ``err`` raised when tracebacks are
+    asked for."""
+    if full_errors():
+        raise err
+    print(refusal_line(err), file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def refuse(key: str, value, allowed: str) -> None:
@@ -68,19 +97,19 @@ def check_int(cfg, key: str, minimum: int, allowed: str | None = None) -> None:
 def check_grid(cfg, key: str, ok, allowed: str) -> None:
     """``search.<key>``: a list of numbers each passing ``ok``; a single number becomes a
     one-value list (``search.lr=0.01`` means that one learning rate)."""
-    value = select(cfg, key)
-    if value is None:
+    given = select(cfg, key)
+    if given is None:
         return
-    if is_number(value):
-        value = [value]
+    value = [given] if is_number(given) else given
+    if not isinstance(value, (list, ListConfig)) or len(value) == 0:
+        refuse(key, given, f"a number or a non-empty list of numbers, each {allowed}")
+    for v in value:
+        if not is_number(v) or not math.isfinite(v) or not ok(v):
+            refuse(key, given, f"each value must be a finite number {allowed} ({v!r} is not)")
+    if value is not given:
         parent, leaf = key.rsplit(".", 1)
         with open_dict(cfg):
             select(cfg, parent)[leaf] = value
-    if not isinstance(value, (list, ListConfig)) or len(value) == 0:
-        refuse(key, value, f"a number or a non-empty list of numbers, each {allowed}")
-    for v in value:
-        if not is_number(v) or not math.isfinite(v) or not ok(v):
-            refuse(key, value, f"each value must be a finite number {allowed} ({v!r} is not)")
 
 
 def check_fraction(cfg, key: str, low_open: bool, high_open: bool) -> None:

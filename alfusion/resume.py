@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from alfusion.checkpoints import load_tensors, verify_checkpoints
-from alfusion.config_check import ConfigError
+from alfusion.config_check import ConfigError, MissingFile
 from alfusion.distributed import is_global_zero
 
 __all__ = ["RunState", "load_tensors", "open_run_state"]
@@ -125,13 +125,13 @@ def run_folder_of(ckpt_path: str) -> Path:
     """The run folder holding a checkpoint file (the nearest parent with a resume.json)."""
     path = Path(ckpt_path).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; {CKPT_FIX}")
+        raise MissingFile(f"ckpt_path={ckpt_path}: no such file; {CKPT_FIX}")
     for parent in path.parents:
         if (parent / STATE_FILE).exists():
             return parent
-    raise FileNotFoundError(f"ckpt_path={ckpt_path} is not inside an alfusion run folder (no "
-                            f"{STATE_FILE} above it): pass a checkpoint under "
-                            "<run folder>/checkpoints/")
+    raise MissingFile(f"ckpt_path={ckpt_path} is not inside an alfusion run folder (no "
+                      f"{STATE_FILE} above it): pass a checkpoint under "
+                      "<run folder>/checkpoints/")
 
 
 def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:

@@ -13,14 +13,17 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Param
 from omegaconf import OmegaConf
 
+from alfusion.config_check import ConfigError
+
 MAX_PARAM_LENGTH = 500
 SERVER_TIMEOUT_S = 5
 # Tracking servers found unreachable in this process: finish() does not call them again.
 _dead_servers: set[str] = set()
 
 
-class TrackingServerUnreachable(RuntimeError):
-    """The http(s) tracking server does not answer; the message says how to fix it."""
+class TrackingServerUnreachable(ConfigError, RuntimeError):
+    """The http(s) tracking server does not answer; the message says how to fix it (a refused
+    setting: one line, exit status 2)."""
 
 
 def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:

@@ -100,3 +100,22 @@ def test_a_train_split_with_one_class_is_refused():
     with pytest.raises(ConfigError, match="outside 0..9"):
         check_labels(np.array([0, 1, 10]), 10, "train")
     check_labels(np.array([0, 1, 1]), 10, "train")
+
+
+@pytest.mark.parametrize("override", ["search.lr=abc", "dataset.name=x/../../../ESCAPED"])
+def test_a_refusal_is_one_line_with_exit_status_2_and_leaves_no_run_folder(tmp_path, override):
+    root = tmp_path / "root"
+    proc = run_cli(*tiny_overrides(root, override), check=False, timeout=60, full_error=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.splitlines() == [line] and line.startswith("[alfusion] ")
+    assert f"{override.split('=')[0]}=" in line and "is not allowed: " in line
+    assert not [p for p in root.rglob("*") if p.is_file()]  # no run folder, no cache
+
+
+def test_a_refusal_shows_its_traceback_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALFUSION_DEBUG", "1")
+    proc = run_cli(*tiny_overrides(tmp_path, "search.lr=abc"), check=False, timeout=60,
+                   full_error=False)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "search.lr='abc' is not allowed" in proc.stderr

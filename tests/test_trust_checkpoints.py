@@ -4,17 +4,14 @@ resumed silently; the intact one before it is used, or the run is refused naming
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     compose_config,
     kill_at_first_checkpoint,
     mlflow_runs,
+    run_cli,
     tiny_overrides,
 )
 
@@ -83,9 +80,7 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path):
     weights = torch.load(ckpt, weights_only=True)["step"]["params"]
     flip_inside_tensor(ckpt, max(weights.values(), key=torch.Tensor.numel))
 
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.run([sys.executable, "-m", "alfusion", *args, "resume=true"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = run_cli(*args, "resume=true", check=False, full_error=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert f"checkpoint {ckpt} is truncated or damaged" in proc.stderr
