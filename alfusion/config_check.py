@@ -60,7 +60,8 @@ def exit_refused(err: ConfigError) -> NoReturn:
 
 
 def refuse(key: str, value, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    shown = "null" if value is None else repr(value)
+    raise ConfigError(f"{key}={shown} is not allowed: {allowed}")
 
 
 def check_path_name(key: str, value) -> str:
@@ -166,7 +167,89 @@ def check_config(cfg: DictConfig) -> DictConfig:
     sigma = select(cfg, "train.jitter_sigma")
     if sigma is not None and (not is_number(sigma) or not math.isfinite(sigma) or sigma < 0):
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
+    check_jitter(cfg)
+    check_probe(cfg)
     return cfg
+
+
+def check_jitter(cfg: DictConfig) -> None:
+    from alfusion.random_draws import JITTER_MODES
+
+    jitter = select(cfg, "end2end.jitter")
+    if jitter is not None and jitter not in JITTER_MODES:
+        refuse("end2end.jitter", jitter, f"one of {', '.join(JITTER_MODES)} (the paper: "
+               "per_batch, one coin per batch)")
+    draws = select(cfg, "train.jitter_draws")
+    if draws is not None and draws != "shared":  # the engine is imported only for the others
+        from alfusion.engine.step import JITTER_DRAWS
+
+        if draws not in JITTER_DRAWS:
+            refuse("train.jitter_draws", draws, f"one of {', '.join(JITTER_DRAWS)}")
+
+
+LAYER_SETS = ("all", "last", "middle_last", "quarterly")
+
+
+def check_probe(cfg: DictConfig) -> None:
+    """probe.kind, tokens, regions and layers, and heads; the layer numbers and the region
+    count against the backbone's layers and patch grid, read from its config without loading
+    it (alfusion/backbones/layout.py)."""
+    from alfusion.tokens import TOKEN_KINDS
+
+    probe = select(cfg, "probe")
+    if probe is None:
+        return
+    if probe.get("kind") not in ("linear", "attentive"):
+        refuse("probe.kind", probe.get("kind"), "linear or attentive")
+    tokens = probe.get("tokens")
+    if tokens not in TOKEN_KINDS:
+        refuse("probe.tokens", tokens, f"one of {', '.join(TOKEN_KINDS)}")
+    regions = probe.get("regions")
+    with_regions = "regions" in tokens.split("+")
+    if regions is not None and (not is_int(regions) or regions < 1):
+        refuse("probe.regions", regions, "null or k >= 1 (k x k patch regions per layer, e.g. "
+               "2 or 4)")
+    if with_regions and regions is None:
+        refuse("probe.regions", regions, f"probe.tokens={tokens} needs k (k x k patch regions "
+               "per layer, e.g. probe.regions=2)")
+    if regions is not None and not with_regions:
+        kind = "regions" if tokens == "all" else f"{tokens}+regions"
+        refuse("probe.regions", regions, f"probe.tokens={tokens} has no region tokens: use "
+               f"probe.tokens={kind}, or probe.regions=null")
+    for key in ("num_heads", "head_dim"):
+        check_int(cfg, f"probe.{key}", 1, "null (the paper's rule) or an integer >= 1")
+    layers = probe.get("layers")
+    explicit = isinstance(layers, (list, ListConfig))
+    if not explicit and layers not in LAYER_SETS:
+        refuse("probe.layers", layers, f"one of {', '.join(LAYER_SETS)} or a list of layer "
+               "numbers [i, j, ...]")
+    if explicit and (not layers or not all(is_int(i) for i in layers)):
+        refuse("probe.layers", list(layers), "a non-empty list of layer numbers (integers)")
+    if cfg.get("task") != "evaluate" and select(cfg, "backbone.family") and (
+            explicit or regions is not None or layers in ("middle_last", "quarterly")):
+        check_against_backbone(cfg, layers, regions)
+
+
+def check_against_backbone(cfg: DictConfig, layers, regions: int | None) -> None:
+    """The layer numbers (1..L) and the regions per side (<= the patch grid) of the probe."""
+    from alfusion.backbones.layout import backbone_layout
+    from alfusion.tokens import resolve_layers
+
+    layout = backbone_layout(cfg.backbone)
+    name = select(cfg, "backbone.key") or cfg.backbone.name
+    L = layout.layers
+    given = layers if isinstance(layers, str) else list(layers)
+    try:
+        if not all(1 <= i <= L for i in resolve_layers(given, L)):  # quarterly of L < 4
+            raise ValueError(given)
+    except ValueError:
+        refuse("probe.layers", given, f"layer numbers 1..{L} (backbone {name} has {L} layers; "
+               f"{L} is the final output), or one of {', '.join(LAYER_SETS)}")
+    if regions is not None and regions > min(layout.grid):
+        rows, cols = layout.grid
+        refuse("probe.regions", regions, f"at most {min(layout.grid)}: backbone {name} sees a "
+               f"{rows} x {cols} patch grid at {layout.input_size} px (or raise "
+               "backbone.img_size)")
 
 
 def check_mode(cfg: DictConfig) -> None:

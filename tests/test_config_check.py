@@ -36,6 +36,18 @@ BAD_SETTINGS = [  # (overrides, the key the message must name)
     (["backbone.key=.."], "backbone.key"),
     (["probe.name=a/b"], "probe.name"),
     (["probe=finetune", "mode=end2end"], "mode"),
+    (["probe.regions=0"], "probe.regions"),
+    (["probe.regions=-1"], "probe.regions"),
+    (["probe.regions=abc"], "probe.regions"),
+    (["probe.tokens=cls+ap+regions", "probe.regions=99"], "probe.regions"),
+    (["probe.tokens=cls+ap+regions"], "probe.regions"),
+    (["probe.regions=2"], "probe.regions"),
+    (["probe.tokens=bogus"], "probe.tokens"),
+    (["probe.layers=[0,99]"], "probe.layers"),
+    (["backbone=tiny_vit", "probe.layers=[5]"], "probe.layers"),
+    (["probe.layers=bogus"], "probe.layers"),
+    (["end2end.jitter=bogus"], "end2end.jitter"),
+    (["train.jitter_draws=bogus"], "train.jitter_draws"),
 ]
 
 
@@ -48,7 +60,10 @@ def test_bad_setting_is_refused_naming_the_key(overrides, key):
 
 @pytest.mark.parametrize("overrides,key", [(["search.lr=abc"], "search.lr"),
                                            (["dataset.name=x/../../../ESCAPED"],
-                                            "dataset.name")])
+                                            "dataset.name"),
+                                           (["probe.layers=[0,99]"], "probe.layers"),
+                                           (["probe.tokens=cls+ap+regions",
+                                             "probe.regions=99"], "probe.regions")])
 def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path, overrides, key):
     """Through the real CLI: the check runs before any work (and before the run folder)."""
     root = tmp_path / "root"
@@ -59,7 +74,7 @@ def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path,
     assert key in proc.stderr, proc.stderr[-2000:]
     assert "not allowed" in proc.stderr
     assert seconds < 30, seconds  # the CLI's start-up only; no backbone, no extraction
-    assert not (root / "cache").exists()
+    assert not (root / "cache").exists() and not (root / "mlflow.db").exists()
     assert not list(tmp_path.rglob("ESCAPED*"))  # nothing was written outside paths.root
 
 
@@ -92,6 +107,10 @@ def test_a_single_number_is_a_one_value_grid():
 def test_the_default_and_paper_configs_pass():
     check_config(compose_config())
     check_config(compose_config("search=paper", "fewshot_k=4", "train.epochs=0"))
+    for probe in ("alf", "aat", "aat_quarterly", "linear", "linear_concat", "attentive_last"):
+        check_config(compose_config(f"probe={probe}", "backbone=tiny_vit"))
+    check_config(compose_config("probe.tokens=cls+ap+regions", "probe.regions=2",
+                                "probe.layers=[1,12]", "train.jitter_draws=per_probe"))
 
 
 def test_a_train_split_with_one_class_is_refused():
