@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,6 +27,7 @@ from omegaconf import OmegaConf
 from alfusion.checkpoints import load_tensors, verify_checkpoints
 from alfusion.config_check import ConfigError, MissingFile
 from alfusion.distributed import is_global_zero
+from alfusion.run_dirs import remove_if_unused
 
 __all__ = ["RunState", "load_tensors", "open_run_state"]
 
@@ -56,12 +58,15 @@ class RunState:
         return cls(run_dir, json.loads((Path(run_dir) / STATE_FILE).read_text()))
 
     def save(self) -> None:
+        """Write resume.json (rank 0); a finished run's checkpoints are removed with it."""
         if not is_global_zero():
             return
         path = self.run_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
         tmp.replace(path)  # never a half-written state file
+        if self.data.get("finished"):
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
 
     def checkpoint_dir(self, stage: str) -> Path:
         return self.run_dir / "checkpoints" / stage
@@ -75,8 +80,29 @@ class RunState:
         self.save()
 
 
-def find_unfinished(root: Path, fingerprint: str) -> Path | None:
-    """The newest run folder under root with this fingerprint that did not finish."""
+def owner() -> dict:
+    """The process that holds a run: written into its resume.json."""
+    return dict(pid=os.getpid(), host=socket.gethostname())
+
+
+def owner_alive(data: dict) -> bool | None:
+    """Whether the process that last held a run is alive; None when that cannot be known (no
+    record, or another machine)."""
+    pid = data.get("pid")
+    if pid is None or data.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def unfinished_runs(root: Path, fingerprint: str) -> list[tuple[float, Path, dict]]:
+    """(modification time, folder, state) of every unfinished run under root with this
+    fingerprint."""
     found = []
     for path in Path(root).rglob(STATE_FILE):
         try:
@@ -84,7 +110,15 @@ def find_unfinished(root: Path, fingerprint: str) -> Path | None:
         except (OSError, json.JSONDecodeError):
             continue
         if data.get("fingerprint") == fingerprint and not data.get("finished"):
-            found.append((path.stat().st_mtime, path.parent))
+            found.append((path.stat().st_mtime, path.parent, data))
+    return found
+
+
+def find_unfinished(root: Path, fingerprint: str) -> Path | None:
+    """The newest run folder under root with this fingerprint that did not finish and whose
+    process is not running."""
+    found = [(mtime, path) for mtime, path, data in unfinished_runs(root, fingerprint)
+             if not owner_alive(data)]
     return max(found)[1] if found else None
 
 
@@ -169,16 +203,34 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         previous = Path(os.environ[ENV_RESUME_DIR]) if os.environ.get(ENV_RESUME_DIR) else None
     if previous is not None:
         state = RunState.load(previous)
-        if state.data.get("fingerprint") != fingerprint and is_global_zero():
-            print(f"[alfusion] note: continuing {previous} with a changed config")
+        if is_global_zero():
+            if state.data.get("fingerprint") != fingerprint:
+                print(f"[alfusion] note: continuing {previous} with a changed config")
+            state.data.update(owner())
+            state.save()
+            if previous.resolve() != Path(run_dir).resolve():
+                remove_if_unused(run_dir)  # this command's own folder stays empty
         return state, True
     orphan = None
     if (run_dir / STATE_FILE).exists() and is_global_zero():  # a run's folder, started anew
         earlier = RunState.load(run_dir).data
         orphan = None if earlier.get("finished") else earlier.get("mlflow_run_id")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # never resume from them
-    state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False))
+    if is_global_zero():
+        close_orphans(cfg, run_dir, fingerprint)
+    state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False, **owner()))
     state.orphan_run_id = orphan
     state.save()
     return state, False
 
+
+def close_orphans(cfg, run_dir: Path, fingerprint: str) -> None:
+    """Mark KILLED the MLflow runs of this config's unfinished runs under ``paths.root`` whose
+    process is gone (killed): a plain rerun closes them, as a run in the same folder does."""
+    from alfusion import tracking
+
+    ids = [data["mlflow_run_id"] for _, path, data in
+           unfinished_runs(Path(cfg.paths.root), fingerprint)
+           if data.get("mlflow_run_id") and owner_alive(data) is False
+           and path.resolve() != Path(run_dir).resolve()]
+    tracking.close_orphans(cfg.logger, ids)

@@ -176,6 +176,28 @@ def mark_killed(logger: MLFlowLogger | None, run_id: str) -> None:
         logger.experiment.set_terminated(run_id, "KILLED")
 
 
+def close_orphans(log_cfg, run_ids: list[str]) -> None:
+    """Mark KILLED those of ``run_ids`` (runs of killed processes) that are still RUNNING in
+    the store of ``log_cfg``; ids the store does not hold are skipped."""
+    if not run_ids or log_cfg.get("name", "mlflow") != "mlflow":
+        return
+    uri = log_cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    check_server(uri)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                print(f"[alfusion] MLflow run {run_id} of a killed run of this config: marked "
+                      "KILLED", flush=True)
+        except Exception:  # not in this store (another logger.tracking_uri)
+            continue
+
+
 def finish(logger: MLFlowLogger | None, status: str) -> None:
     """Mark the run FINISHED, FAILED or KILLED.
 
