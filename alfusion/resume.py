@@ -194,8 +194,8 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         previous = None
         if cfg.get("ckpt_path"):
             previous = run_folder_of(cfg.ckpt_path)
-            verify_checkpoints(previous)
             check_checkpoint(cfg.ckpt_path, previous)
+            verify_checkpoints(previous)
         elif cfg.get("resume"):
             previous = find_run_to_resume(run_dir, Path(cfg.paths.root), fingerprint)
         os.environ[ENV_RESUME_DIR] = str(previous or "")

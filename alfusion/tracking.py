@@ -27,21 +27,42 @@ class TrackingServerUnreachable(ConfigError, RuntimeError):
 
 
 def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
-    """Refuse an http(s) tracking URI whose server does not answer a plain GET of
-    ``<uri>/health`` within ``timeout`` seconds (MLflow itself would retry for minutes).
-    Any HTTP answer, even an error status, counts as a live server; other URIs pass."""
+    """Refuse an http(s) tracking URI whose server does not answer a plain GET of MLflow's
+    REST API (``experiments/get-by-name``) within ``timeout`` seconds (MLflow itself would retry
+    for minutes), or answers it but not as MLflow does (JSON with an experiment or an MLflow
+    error code; a 401/403 of a server behind authentication counts as MLflow). Other URIs
+    pass."""
     if not uri.startswith(("http://", "https://")):
         return
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # it answered
+        with urllib.request.urlopen(probe, timeout=timeout) as response:
+            status, body = response.status, response.read(65536)
+    except urllib.error.HTTPError as err:  # it answered, with an error status
+        status, body = err.code, err.read(65536)
     except (OSError, ValueError) as err:  # refused, timed out, unknown host, bad URL
         _dead_servers.add(uri)
         raise TrackingServerUnreachable(
             f"the MLflow tracking server at logger.tracking_uri={uri} does not answer ({err}). "
             "Start it (e.g. `mlflow server --port 5000`), or log to the default SQLite store "
             "(leave logger.tracking_uri unset), or run without tracking (logger=none)") from err
+    if status in (401, 403) or is_mlflow_answer(body):
+        return
+    _dead_servers.add(uri)
+    raise TrackingServerUnreachable(
+        f"logger.tracking_uri={uri} answers HTTP but is not an MLflow tracking server (GET "
+        f"{probe} gave HTTP {status} without MLflow's JSON). Point it at an MLflow server "
+        "(`mlflow server` serves one at http://HOST:5000, the REST API under /api/2.0/mlflow), "
+        "or leave it unset for the default SQLite store, or run with logger=none")
+
+
+def is_mlflow_answer(body: bytes) -> bool:
+    """Whether a REST answer is MLflow's: a JSON object with an experiment or an error code."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and ("experiment" in data or "error_code" in data)
 
 
 def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:

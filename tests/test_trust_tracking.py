@@ -3,12 +3,14 @@ that answers HTTP but is not MLflow, a report pointed at a file that is no MLflo
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
 
-from conftest import ROOT, mlflow_runs
+from conftest import ROOT, mlflow_runs, run_cli, tiny_overrides
 
 # One process's start of an MLflow run through alfusion, once the file "go" exists.
 OPEN_RUN = """
@@ -42,3 +44,32 @@ def test_two_runs_starting_together_on_a_new_database_both_log(tmp_path):
         assert proc.returncode == 0, output[-3000:]
     runs = mlflow_runs(tmp_path)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_tracking_uri_that_answers_http_but_is_not_mlflow_is_refused(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_port}"
+    try:
+        proc = run_cli(*tiny_overrides(tmp_path, f"logger.tracking_uri={uri}"), check=False,
+                       timeout=120, full_error=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.splitlines() == [line]
+    assert f"logger.tracking_uri={uri} answers HTTP but is not an MLflow tracking server" in line
+    assert "HTTP 404" in line and "logger=none" in line
+    assert not (tmp_path / "cache").exists()  # before any work
+
+
+def test_the_report_refuses_a_file_that_is_no_mlflow_store(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    proc = subprocess.run([sys.executable, "-m", "alfusion.report",
+                           f"--tracking-uri=sqlite:///{empty}", f"--out={tmp_path / 'r'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"{empty} is an empty file, not an MLflow store" in proc.stderr
+    assert empty.stat().st_size == 0  # no MLflow tables written into it
