@@ -219,6 +219,10 @@ def check_probe(cfg: DictConfig) -> None:
     for key in ("num_heads", "head_dim"):
         check_int(cfg, f"probe.{key}", 1, "null (the paper's rule) or an integer >= 1")
     layers = probe.get("layers")
+    if is_int(layers):  # probe.layers=12 means that one layer
+        layers = [layers]
+        with open_dict(cfg):
+            probe.layers = layers
     explicit = isinstance(layers, (list, ListConfig))
     if not explicit and layers not in LAYER_SETS:
         refuse("probe.layers", layers, f"one of {', '.join(LAYER_SETS)} or a list of layer "

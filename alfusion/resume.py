@@ -123,12 +123,13 @@ def find_unfinished(root: Path, fingerprint: str) -> Path | None:
 
 
 def is_unfinished(run_dir: Path, fingerprint: str) -> bool:
-    """Whether ``run_dir`` holds an unfinished run of this config."""
+    """Whether ``run_dir`` holds an unfinished run of this config whose process is gone."""
     try:
         data = json.loads((Path(run_dir) / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return data.get("fingerprint") == fingerprint and not data.get("finished")
+    return (data.get("fingerprint") == fingerprint and not data.get("finished")
+            and not owner_alive(data))
 
 
 def find_run_to_resume(run_dir: Path, root: Path, fingerprint: str) -> Path | None:
@@ -229,6 +230,8 @@ def close_orphans(cfg, run_dir: Path, fingerprint: str) -> None:
     process is gone (killed): a plain rerun closes them, as a run in the same folder does."""
     from alfusion import tracking
 
+    if cfg.logger.get("name", "mlflow") != "mlflow":
+        return
     ids = [data["mlflow_run_id"] for _, path, data in
            unfinished_runs(Path(cfg.paths.root), fingerprint)
            if data.get("mlflow_run_id") and owner_alive(data) is False

@@ -102,6 +102,8 @@ def test_a_single_number_is_a_one_value_grid():
     assert list(cfg.search.lr) == [0.01] and list(cfg.search.wd) == [0]
     configs = expand_grid(cfg.search, attentive=True)
     assert [(c.lr, c.wd, c.dropout) for c in configs] == [(0.01, 0.0, 0.1)]
+    cfg = check_config(compose_config("backbone=tiny_vit", "probe.layers=3"))
+    assert list(cfg.probe.layers) == [3]  # one layer number: that layer
 
 
 def test_the_default_and_paper_configs_pass():
