@@ -140,6 +140,7 @@ def verify_rank(last: Path) -> int:
         if last.exists():
             last.unlink()
         os.replace(previous, last)
+        _record(last, [file_checksum(last)])  # the next save keeps this one as previous
         return step
     state = "is truncated or damaged" if last.exists() else "is missing"
     raise CheckpointDamaged(f"checkpoint {last} {state} (its {HASH} differs from the ones "

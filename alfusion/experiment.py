@@ -179,8 +179,8 @@ def refuse_overrides_for_evaluate() -> None:
              if o.split("=")[0].lstrip("+~") in ("backbone", "dataset", "probe", "mode")]
     if given:
         raise ConfigError(f"task=evaluate uses the probe's own backbone, dataset, probe and "
-                         f"mode (from its probe.pt); remove {' '.join(given)} (to evaluate "
-                         "on another dataset, train a probe for it)")
+                          f"mode (from its probe.pt); remove {' '.join(given)} (to evaluate "
+                          "on another dataset, train a probe for it)")
 
 
 def run_evaluate(cfg, run_dir: Path) -> dict:

@@ -63,6 +63,8 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     resumed = tiny_fit(cfg, folder, resume=True)  # from step 12, to the uninterrupted result
     for key, value in full.bank.params.items():
         torch.testing.assert_close(resumed.bank.params[key], value, rtol=0, atol=0)
+    verify_checkpoints(tmp_path / "run")  # the resumed fit's own saves verify (step 16, 12)
+    assert "damaged" not in capsys.readouterr().out
 
     # both damaged (or truncated): refused, naming the file and the fix
     for path in (last, previous):
