@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig):
+def run_command(cfg: DictConfig, run_dir: Path):
+    """Check the whole config (every bad setting fails here, in seconds, before any work),
+    then run the task."""
     import logging
-    from pathlib import Path
 
     from alfusion.config_check import check_config
 
-    check_config(cfg)  # every bad setting fails here, in seconds, before any work
+    check_config(cfg)
     from alfusion.experiment import TASKS
-    from alfusion.sweep import run_job
 
     # Lightning has its own console handler; Hydra's root handler would print it all twice.
     logging.getLogger("lightning.pytorch").propagate = False
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}: use one of {sorted(TASKS)}")
-    # run_job: in a multirun a failed job is recorded and the sweep goes on (alfusion/sweep.py)
-    return run_job(TASKS[cfg.task], cfg, Path(HydraConfig.get().runtime.output_dir))
+    return TASKS[cfg.task](cfg, run_dir)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    from alfusion.sweep import run_job
+
+    # run_job: a refusal is one line (exit status 2); in a multirun a failed or refused job is
+    # recorded and the sweep goes on to its summary (alfusion/sweep.py)
+    return run_job(run_command, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,19 @@ key, its value and what is allowed, so that a typo fails in seconds, not after e
 ``check_config(cfg)`` also normalises plain intents: a single number for ``search.lr``,
 ``search.wd`` or ``search.dropout`` means a one-value grid. ``check_labels`` is the part that
 can only run once the labels of a split are read (the number of classes present).
+
+Every refusal is a ConfigError and ends the same way (``exit_refused``): one line on stderr,
+exit status 2, the traceback only when asked for (HYDRA_FULL_ERROR=1 or ALFUSION_DEBUG=1).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -30,8 +36,32 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the key, the value and what is allowed."""
 
 
+class MissingFile(ConfigError, FileNotFoundError):
+    """A setting that names a file or folder that does not exist."""
+
+
+def full_errors() -> bool:
+    """Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1 or ALFUSION_DEBUG=1)."""
+    return "1" in (os.environ.get("HYDRA_FULL_ERROR"), os.environ.get("ALFUSION_DEBUG"))
+
+
+def refusal_line(err: ConfigError) -> str:
+    return "[alfusion] " + " ".join(str(err).split())
+
+
+def exit_refused(err: ConfigError) -> NoReturn:
+    """End the command on a refusal: its one line on stderr and exit status 2 (a SystemExit,
+    which Hydra lets through without its traceback), or ``err`` raised when tracebacks are
+    asked for."""
+    if full_errors():
+        raise err
+    print(refusal_line(err), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def refuse(key: str, value, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    shown = "null" if value is None else repr(value)
+    raise ConfigError(f"{key}={shown} is not allowed: {allowed}")
 
 
 def check_path_name(key: str, value) -> str:
@@ -68,19 +98,19 @@ def check_int(cfg, key: str, minimum: int, allowed: str | None = None) -> None:
 def check_grid(cfg, key: str, ok, allowed: str) -> None:
     """``search.<key>``: a list of numbers each passing ``ok``; a single number becomes a
     one-value list (``search.lr=0.01`` means that one learning rate)."""
-    value = select(cfg, key)
-    if value is None:
+    given = select(cfg, key)
+    if given is None:
         return
-    if is_number(value):
-        value = [value]
+    value = [given] if is_number(given) else given
+    if not isinstance(value, (list, ListConfig)) or len(value) == 0:
+        refuse(key, given, f"a number or a non-empty list of numbers, each {allowed}")
+    for v in value:
+        if not is_number(v) or not math.isfinite(v) or not ok(v):
+            refuse(key, given, f"each value must be a finite number {allowed} ({v!r} is not)")
+    if value is not given:
         parent, leaf = key.rsplit(".", 1)
         with open_dict(cfg):
             select(cfg, parent)[leaf] = value
-    if not isinstance(value, (list, ListConfig)) or len(value) == 0:
-        refuse(key, value, f"a number or a non-empty list of numbers, each {allowed}")
-    for v in value:
-        if not is_number(v) or not math.isfinite(v) or not ok(v):
-            refuse(key, value, f"each value must be a finite number {allowed} ({v!r} is not)")
 
 
 def check_fraction(cfg, key: str, low_open: bool, high_open: bool) -> None:
@@ -138,6 +168,8 @@ def check_config(cfg: DictConfig) -> DictConfig:
     sigma = select(cfg, "train.jitter_sigma")
     if sigma is not None and (not is_number(sigma) or not math.isfinite(sigma) or sigma < 0):
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
+    check_jitter(cfg)
+    check_probe(cfg)
     return cfg
 
 
@@ -150,6 +182,90 @@ def check_preprocess(cfg: DictConfig) -> None:
     if value is not None and value not in PREPROCESS_MODES:
         refuse("backbone.preprocess", value, "paper (the paper's preprocessing and input size, "
                "the default) or model (the backbone's own eval transform)")
+
+
+def check_jitter(cfg: DictConfig) -> None:
+    from alfusion.random_draws import JITTER_MODES
+
+    jitter = select(cfg, "end2end.jitter")
+    if jitter is not None and jitter not in JITTER_MODES:
+        refuse("end2end.jitter", jitter, f"one of {', '.join(JITTER_MODES)} (the paper: "
+               "per_batch, one coin per batch)")
+    draws = select(cfg, "train.jitter_draws")
+    if draws is not None and draws != "shared":  # the engine is imported only for the others
+        from alfusion.engine.step import JITTER_DRAWS
+
+        if draws not in JITTER_DRAWS:
+            refuse("train.jitter_draws", draws, f"one of {', '.join(JITTER_DRAWS)}")
+
+
+LAYER_SETS = ("all", "last", "middle_last", "quarterly")
+
+
+def check_probe(cfg: DictConfig) -> None:
+    """probe.kind, tokens, regions and layers, and heads; the layer numbers and the region
+    count against the backbone's layers and patch grid, read from its config without loading
+    it (alfusion/backbones/layout.py)."""
+    from alfusion.tokens import TOKEN_KINDS
+
+    probe = select(cfg, "probe")
+    if probe is None:
+        return
+    if probe.get("kind") not in ("linear", "attentive"):
+        refuse("probe.kind", probe.get("kind"), "linear or attentive")
+    tokens = probe.get("tokens")
+    if tokens not in TOKEN_KINDS:
+        refuse("probe.tokens", tokens, f"one of {', '.join(TOKEN_KINDS)}")
+    regions = probe.get("regions")
+    with_regions = "regions" in tokens.split("+")
+    if regions is not None and (not is_int(regions) or regions < 1):
+        refuse("probe.regions", regions, "null or k >= 1 (k x k patch regions per layer, e.g. "
+               "2 or 4)")
+    if with_regions and regions is None:
+        refuse("probe.regions", regions, f"probe.tokens={tokens} needs k (k x k patch regions "
+               "per layer, e.g. probe.regions=2)")
+    if regions is not None and not with_regions:
+        kind = "regions" if tokens == "all" else f"{tokens}+regions"
+        refuse("probe.regions", regions, f"probe.tokens={tokens} has no region tokens: use "
+               f"probe.tokens={kind}, or probe.regions=null")
+    for key in ("num_heads", "head_dim"):
+        check_int(cfg, f"probe.{key}", 1, "null (the paper's rule) or an integer >= 1")
+    layers = probe.get("layers")
+    if is_int(layers):  # probe.layers=12 means that one layer
+        layers = [layers]
+        with open_dict(cfg):
+            probe.layers = layers
+    explicit = isinstance(layers, (list, ListConfig))
+    if not explicit and layers not in LAYER_SETS:
+        refuse("probe.layers", layers, f"one of {', '.join(LAYER_SETS)} or a list of layer "
+               "numbers [i, j, ...]")
+    if explicit and (not layers or not all(is_int(i) for i in layers)):
+        refuse("probe.layers", list(layers), "a non-empty list of layer numbers (integers)")
+    if cfg.get("task") != "evaluate" and select(cfg, "backbone.family") and (
+            explicit or regions is not None or layers in ("middle_last", "quarterly")):
+        check_against_backbone(cfg, layers, regions)
+
+
+def check_against_backbone(cfg: DictConfig, layers, regions: int | None) -> None:
+    """The layer numbers (1..L) and the regions per side (<= the patch grid) of the probe."""
+    from alfusion.backbones.layout import backbone_layout
+    from alfusion.tokens import resolve_layers
+
+    layout = backbone_layout(cfg.backbone)
+    name = select(cfg, "backbone.key") or cfg.backbone.name
+    L = layout.layers
+    given = layers if isinstance(layers, str) else list(layers)
+    try:
+        if not all(1 <= i <= L for i in resolve_layers(given, L)):  # quarterly of L < 4
+            raise ValueError(given)
+    except ValueError:
+        refuse("probe.layers", given, f"layer numbers 1..{L} (backbone {name} has {L} layers; "
+               f"{L} is the final output), or one of {', '.join(LAYER_SETS)}")
+    if regions is not None and regions > min(layout.grid):
+        rows, cols = layout.grid
+        refuse("probe.regions", regions, f"at most {min(layout.grid)}: backbone {name} sees a "
+               f"{rows} x {cols} patch grid at {layout.input_size} px (or raise "
+               "backbone.img_size)")
 
 
 def check_mode(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
+from alfusion.config_check import ConfigError, MissingFile
 from alfusion.data.extract import load_or_extract
 from alfusion.distributed import is_global_zero
 from alfusion.end2end.encoder import state_checksum
@@ -177,23 +178,23 @@ def refuse_overrides_for_evaluate() -> None:
     given = [o for o in HydraConfig.get().overrides.task
              if o.split("=")[0].lstrip("+~") in ("backbone", "dataset", "probe", "mode")]
     if given:
-        raise ValueError(f"task=evaluate uses the probe's own backbone, dataset, probe and "
-                         f"mode (from its probe.pt); remove {' '.join(given)} (to evaluate "
-                         "on another dataset, train a probe for it)")
+        raise ConfigError(f"task=evaluate uses the probe's own backbone, dataset, probe and "
+                          f"mode (from its probe.pt); remove {' '.join(given)} (to evaluate "
+                          "on another dataset, train a probe for it)")
 
 
 def run_evaluate(cfg, run_dir: Path) -> dict:
     """Score a saved probe (``probe_path=``) on its test split, without training, with the
     backbone it was trained with (a fine-tuned one included) and in its own mode."""
     if not cfg.get("probe_path"):
-        raise ValueError(f"task=evaluate needs probe_path: {EVALUATE_FIX}")
+        raise ConfigError(f"task=evaluate needs probe_path: {EVALUATE_FIX}")
     refuse_overrides_for_evaluate()
     path = Path(cfg.probe_path)
     if not path.is_file():
-        raise FileNotFoundError(f"probe_path={path}: no such file; {EVALUATE_FIX}")
+        raise MissingFile(f"probe_path={path}: no such file; {EVALUATE_FIX}")
     saved = load_tensors(path, "probe_path", EVALUATE_FIX)
     if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
-        raise ValueError(f"probe_path={path} is not an alfusion probe.pt: {EVALUATE_FIX}")
+        raise ConfigError(f"probe_path={path} is not an alfusion probe.pt: {EVALUATE_FIX}")
     saved_cfg = OmegaConf.create(saved["config"])
     saved_cfg.paths = cfg.paths
     device = resolve_device(cfg.device)

@@ -82,10 +82,32 @@ def attention_heatmaps(client, records: list[RunRecord], out: Path) -> list[Path
             for (backbone, probe), rows in sorted(groups.items())]
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def refuse_non_store(tracking_uri: str) -> None:
+    """Refuse a ``sqlite:///PATH`` whose file exists but is no SQLite database (an empty file,
+    another format): MLflow would write its tables into it."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return  # client_for names a missing store
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        what = "an empty file" if not header else "not a SQLite database"
+        raise SystemExit(f"--tracking-uri {tracking_uri}: {path} is {what}, not an MLflow "
+                         "store; it is left as it is. Point --tracking-uri at the store the "
+                         "runs logged to (by default sqlite:///outputs/mlflow.db, or a server's "
+                         "http://HOST:PORT)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tags = parse_tags(args.tag, args.sweep)
+    refuse_non_store(args.tracking_uri)
     client = client_for(args.tracking_uri)
     records = fetch_runs(client, args.experiment, tags)
     where = f"experiment {args.experiment!r} at {args.tracking_uri}" + (f", tags {tags}"

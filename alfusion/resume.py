@@ -2,11 +2,12 @@
 
 ``<run dir>/resume.json`` holds the config fingerprint, the MLflow run id, the results of the
 finished fit stages ("grid", "final"; grid000, ... when fine-tuning) and whether the run
-finished. Each fit writes its engine checkpoint to ``<run dir>/checkpoints/<stage>/``.
-``resume=true`` continues the newest unfinished run with the same fingerprint under
-``paths.root``; ``ckpt_path=FILE`` continues the run that holds FILE. Either way finished
-stages are not repeated, the unfinished one goes on from its checkpoint, and everything logs
-into the same MLflow run. Cached and end-to-end runs alike.
+finished. Each fit writes its engine checkpoint to ``<run dir>/checkpoints/<stage>/``,
+checksummed (alfusion/checkpoints.py). ``resume=true`` continues the unfinished run of the same
+fingerprint in ``hydra.run.dir`` (wherever it is), else the newest one under ``paths.root``, and
+says which; ``ckpt_path=FILE`` continues the run that holds FILE. Its checkpoints are verified
+first. Either way finished stages are not repeated, the unfinished one goes on from its
+checkpoint, and everything logs into the same MLflow run. Cached and end-to-end runs alike.
 
 Under DDP only rank 0 decides which run to continue: it passes the decision to the ranks it
 launches in the environment (they inherit it), so every rank loads the same checkpoint.
@@ -18,12 +19,17 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
+from alfusion.checkpoints import load_tensors, verify_checkpoints
+from alfusion.config_check import ConfigError, MissingFile
 from alfusion.distributed import is_global_zero
+from alfusion.run_dirs import remove_if_unused
+
+__all__ = ["RunState", "load_tensors", "open_run_state"]
 
 STATE_FILE = "resume.json"
 ENV_RESUME_DIR = "ALFUSION_RESUME_DIR"
@@ -52,12 +58,15 @@ class RunState:
         return cls(run_dir, json.loads((Path(run_dir) / STATE_FILE).read_text()))
 
     def save(self) -> None:
+        """Write resume.json (rank 0); a finished run's checkpoints are removed with it."""
         if not is_global_zero():
             return
         path = self.run_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
         tmp.replace(path)  # never a half-written state file
+        if self.data.get("finished"):
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
 
     def checkpoint_dir(self, stage: str) -> Path:
         return self.run_dir / "checkpoints" / stage
@@ -71,8 +80,29 @@ class RunState:
         self.save()
 
 
-def find_unfinished(root: Path, fingerprint: str) -> Path | None:
-    """The newest run folder under root with this fingerprint that did not finish."""
+def owner() -> dict:
+    """The process that holds a run: written into its resume.json."""
+    return dict(pid=os.getpid(), host=socket.gethostname())
+
+
+def owner_alive(data: dict) -> bool | None:
+    """Whether the process that last held a run is alive; None when that cannot be known (no
+    record, or another machine)."""
+    pid = data.get("pid")
+    if pid is None or data.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def unfinished_runs(root: Path, fingerprint: str) -> list[tuple[float, Path, dict]]:
+    """(modification time, folder, state) of every unfinished run under root with this
+    fingerprint."""
     found = []
     for path in Path(root).rglob(STATE_FILE):
         try:
@@ -80,8 +110,46 @@ def find_unfinished(root: Path, fingerprint: str) -> Path | None:
         except (OSError, json.JSONDecodeError):
             continue
         if data.get("fingerprint") == fingerprint and not data.get("finished"):
-            found.append((path.stat().st_mtime, path.parent))
+            found.append((path.stat().st_mtime, path.parent, data))
+    return found
+
+
+def find_unfinished(root: Path, fingerprint: str) -> Path | None:
+    """The newest run folder under root with this fingerprint that did not finish and whose
+    process is not running."""
+    found = [(mtime, path) for mtime, path, data in unfinished_runs(root, fingerprint)
+             if not owner_alive(data)]
     return max(found)[1] if found else None
+
+
+def is_unfinished(run_dir: Path, fingerprint: str) -> bool:
+    """Whether ``run_dir`` holds an unfinished run of this config whose process is gone."""
+    try:
+        data = json.loads((Path(run_dir) / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (data.get("fingerprint") == fingerprint and not data.get("finished")
+            and not owner_alive(data))
+
+
+def find_run_to_resume(run_dir: Path, root: Path, fingerprint: str) -> Path | None:
+    """``resume=true``: the unfinished run of this config in ``run_dir`` (``hydra.run.dir``,
+    wherever it is), else the newest one under ``root`` (``paths.root``); its checkpoints
+    verified. Says which run it continues, and from which steps."""
+    previous = run_dir if is_unfinished(run_dir, fingerprint) else find_unfinished(
+        root, fingerprint)
+    if previous is None:
+        print(f"[alfusion] resume=true: no unfinished run with this config in {run_dir} or "
+              f"under {root}; starting a new run", flush=True)
+        return None
+    steps = verify_checkpoints(previous)  # before the MLflow run is reopened
+    data = json.loads((previous / STATE_FILE).read_text())
+    done = sorted(data.get("stages") or {})
+    print(f"[alfusion] resume=true: continuing the unfinished run in {previous} (MLflow run "
+          f"{data.get('mlflow_run_id')}; finished fits: {', '.join(done) or 'none'}; "
+          + (", ".join(f"{stage} from step {step}" for stage, step in steps.items())
+             or "no fit checkpoint") + ")", flush=True)
+    return previous
 
 
 CKPT_FIX = ("pass <run folder>/checkpoints/<stage>/last.rank0.pt of an earlier run, or "
@@ -92,13 +160,13 @@ def run_folder_of(ckpt_path: str) -> Path:
     """The run folder holding a checkpoint file (the nearest parent with a resume.json)."""
     path = Path(ckpt_path).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file; {CKPT_FIX}")
+        raise MissingFile(f"ckpt_path={ckpt_path}: no such file; {CKPT_FIX}")
     for parent in path.parents:
         if (parent / STATE_FILE).exists():
             return parent
-    raise FileNotFoundError(f"ckpt_path={ckpt_path} is not inside an alfusion run folder (no "
-                            f"{STATE_FILE} above it): pass a checkpoint under "
-                            "<run folder>/checkpoints/")
+    raise MissingFile(f"ckpt_path={ckpt_path} is not inside an alfusion run folder (no "
+                      f"{STATE_FILE} above it): pass a checkpoint under "
+                      "<run folder>/checkpoints/")
 
 
 def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
@@ -108,24 +176,12 @@ def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
     checkpoint (a dict with the engine's ``step`` state)."""
     path = Path(ckpt_path).expanduser().resolve()
     if path.parent.parent != Path(run_dir) / "checkpoints":
-        raise ValueError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
-                         f"(those are {run_dir}/checkpoints/<stage>/last.rank0.pt): {CKPT_FIX}")
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a fit checkpoint of the run {run_dir} "
+                          f"(those are {run_dir}/checkpoints/<stage>/last.rank0.pt): {CKPT_FIX}")
     data = load_tensors(path, "ckpt_path", CKPT_FIX)
     if not isinstance(data, dict) or "step_count" not in data.get("step", {}):
-        raise ValueError(f"ckpt_path={ckpt_path} is not an alfusion engine checkpoint (it has "
-                         f"no step state): {CKPT_FIX}")
-
-
-def load_tensors(path: Path, key: str, fix: str):
-    """torch.load with weights_only=True: tensors and plain containers, never code. A file
-    that needs anything else (a crafted pickle, a foreign format) or is damaged is refused,
-    naming ``key`` and ``fix``."""
-    try:  # memory-mapped: a fine-tuning checkpoint can be large
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises many kinds of error for a damaged or unsafe file
-        raise ValueError(f"{key}={path} cannot be read as tensors and plain data ({err}); it "
-                         f"is damaged, not an alfusion file, or carries code, which is never "
-                         f"run: {fix}") from err
+        raise ConfigError(f"ckpt_path={ckpt_path} is not an alfusion engine checkpoint (it has "
+                          f"no step state): {CKPT_FIX}")
 
 
 def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
@@ -140,26 +196,44 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         if cfg.get("ckpt_path"):
             previous = run_folder_of(cfg.ckpt_path)
             check_checkpoint(cfg.ckpt_path, previous)
+            verify_checkpoints(previous)
         elif cfg.get("resume"):
-            previous = find_unfinished(Path(cfg.paths.root), fingerprint)
-            if previous is None:
-                print(f"[alfusion] resume=true: no unfinished run with this config under "
-                      f"{cfg.paths.root}; starting a new run")
+            previous = find_run_to_resume(run_dir, Path(cfg.paths.root), fingerprint)
         os.environ[ENV_RESUME_DIR] = str(previous or "")
     else:
         previous = Path(os.environ[ENV_RESUME_DIR]) if os.environ.get(ENV_RESUME_DIR) else None
     if previous is not None:
         state = RunState.load(previous)
-        if state.data.get("fingerprint") != fingerprint and is_global_zero():
-            print(f"[alfusion] note: continuing {previous} with a changed config")
+        if is_global_zero():
+            if state.data.get("fingerprint") != fingerprint:
+                print(f"[alfusion] note: continuing {previous} with a changed config")
+            state.data.update(owner())
+            state.save()
+            if previous.resolve() != Path(run_dir).resolve():
+                remove_if_unused(run_dir)  # this command's own folder stays empty
         return state, True
     orphan = None
     if (run_dir / STATE_FILE).exists() and is_global_zero():  # a run's folder, started anew
         earlier = RunState.load(run_dir).data
         orphan = None if earlier.get("finished") else earlier.get("mlflow_run_id")
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # never resume from them
-    state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False))
+    if is_global_zero():
+        close_orphans(cfg, run_dir, fingerprint)
+    state = RunState(run_dir, dict(fingerprint=fingerprint, stages={}, finished=False, **owner()))
     state.orphan_run_id = orphan
     state.save()
     return state, False
 
+
+def close_orphans(cfg, run_dir: Path, fingerprint: str) -> None:
+    """Mark KILLED the MLflow runs of this config's unfinished runs under ``paths.root`` whose
+    process is gone (killed): a plain rerun closes them, as a run in the same folder does."""
+    from alfusion import tracking
+
+    if cfg.logger.get("name", "mlflow") != "mlflow":
+        return
+    ids = [data["mlflow_run_id"] for _, path, data in
+           unfinished_runs(Path(cfg.paths.root), fingerprint)
+           if data.get("mlflow_run_id") and owner_alive(data) is False
+           and path.resolve() != Path(run_dir).resolve()]
+    tracking.close_orphans(cfg.logger, ids)

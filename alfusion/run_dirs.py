@@ -13,15 +13,27 @@ conf/config.yaml:
 
 An explicit ``hydra.run.dir=DIR`` uses neither: DIR is used as given, existing or not (resume
 and the DDP ranks rely on that).
+
+A name refused while Hydra names the run folder ends a single run with one line (exit status
+2); in a multirun the job's folder gets a placeholder name and the job's own config check
+refuses it, so that the sweep goes on to its summary.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from alfusion.config_check import check_path_name
+from alfusion.config_check import ConfigError, check_path_name, exit_refused
+
+REFUSED_NAME = "refused"  # a multirun job's folder name part whose setting is refused
+
+
+def is_multirun(root) -> bool:
+    return str(OmegaConf.select(root, "hydra.mode", default="")).endswith("MULTIRUN")
 
 # Within one process a folder asked for again (Hydra and Lightning read hydra.run.dir more
 # than once) is the folder created the first time, not a new one.
@@ -29,7 +41,12 @@ _created: dict[str, str] = {}
 
 
 def path_name(key: str, *, _root_) -> str:
-    return check_path_name(key, OmegaConf.select(_root_, key))
+    try:
+        return check_path_name(key, OmegaConf.select(_root_, key))
+    except ConfigError as err:
+        if is_multirun(_root_):
+            return REFUSED_NAME
+        exit_refused(err)
 
 
 def run_name(*, _root_) -> str:
@@ -38,7 +55,10 @@ def run_name(*, _root_) -> str:
     backbone and probe of the command line play no part in an evaluation)."""
     if OmegaConf.select(_root_, "task") == "evaluate" and OmegaConf.select(_root_, "probe_path"):
         folder = os.path.basename(os.path.dirname(os.path.abspath(_root_.probe_path)))
-        return "evaluate_" + check_path_name("probe_path (its folder)", folder or "probe")
+        try:
+            return "evaluate_" + check_path_name("probe_path (its folder)", folder or "probe")
+        except ConfigError as err:
+            exit_refused(err)
     return "_".join(path_name(key, _root_=_root_)
                     for key in ("dataset.name", "backbone.key", "probe.name"))
 
@@ -61,6 +81,24 @@ def unique_dir(path: str) -> str:
             candidate = f"{path}_{n}"
     _created[path] = candidate
     return candidate
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but what Hydra wrote into it (``.hydra/`` and
+    the job's log): a refused command or a resume that continued another folder leaves no
+    stray folder. Only in a single run, by rank 0."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from alfusion.distributed import is_global_zero
+
+    if not HydraConfig.initialized() or not is_global_zero() or not Path(run_dir).is_dir():
+        return
+    hydra_cfg = HydraConfig.get()
+    if str(hydra_cfg.mode).endswith("MULTIRUN"):
+        return  # the sweep's summary reads every job's folder
+    hydra_files = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
+    if all(p.name in hydra_files for p in Path(run_dir).iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def register_resolvers() -> None:

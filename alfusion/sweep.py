@@ -5,6 +5,9 @@ callbacks' ``on_multirun_end``. So in a multirun the entry point runs each job t
 ``run_job``, which records the outcome in ``<job dir>/job_status.json`` instead of raising; the
 ``SweepSummary`` callback reads these files (written on whichever machine ran the job, e.g. a
 SLURM node) and prints and saves the summary, exiting with status 1 if any job failed.
+
+A refused setting (ConfigError) ends a single run with one line and exit status 2
+(config_check.exit_refused); in a multirun it fails its job, in one line, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from alfusion.config_check import ConfigError, exit_refused, full_errors, refusal_line
 
 STATUS_FILE = "job_status.json"
 SUMMARY_FILE = "sweep_summary.json"
@@ -45,7 +50,7 @@ def check_no_nested_ddp(cfg) -> None:
         return
     launcher = HydraConfig.get().launcher.get("_target_", "")
     if launcher == LOCAL_LAUNCHER:
-        raise ValueError("trainer=ddp with several devices cannot run under the local multirun "
+        raise ConfigError("trainer=ddp with several devices cannot run under the local multirun "
                          "launcher (DDP would be nested in the sweep's process tree): sweep with "
                          "hydra/launcher=slurm (each job gets its own ranks as SLURM tasks), or "
                          "run each DDP job as its own command")
@@ -53,9 +58,16 @@ def check_no_nested_ddp(cfg) -> None:
 
 def run_job(task: Callable, cfg: DictConfig, run_dir: Path):
     """Run ``task(cfg, run_dir)``. In a multirun, a failure is printed and recorded in
-    job_status.json and the sweep goes on; outside one it propagates."""
+    job_status.json and the sweep goes on; outside one it propagates, a refusal as one line
+    (exit status 2) that leaves no run folder behind."""
     if not is_multirun():
-        return task(cfg, run_dir)
+        try:
+            return task(cfg, run_dir)
+        except ConfigError as err:
+            from alfusion.run_dirs import remove_if_unused
+
+            remove_if_unused(run_dir)
+            exit_refused(err)
     hydra_cfg = HydraConfig.get()
     status = dict(num=hydra_cfg.job.num, overrides=list(hydra_cfg.overrides.task),
                   run_dir=str(run_dir))
@@ -67,8 +79,13 @@ def run_job(task: Callable, cfg: DictConfig, run_dir: Path):
     except Exception as err:
         status.update(status="FAILED", error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc())
-        print(f"[alfusion] job #{status['num']} ({' '.join(status['overrides'])}) failed: "
-              f"{status['error']}\n{status['traceback']}", file=sys.stderr, flush=True)
+        job = f"[alfusion] job #{status['num']} ({' '.join(status['overrides'])})"
+        if isinstance(err, ConfigError) and not full_errors():
+            print(f"{job} refused: {refusal_line(err).removeprefix('[alfusion] ')}",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"{job} failed: {status['error']}\n{status['traceback']}", file=sys.stderr,
+                  flush=True)
         return None
     finally:
         from alfusion.distributed import is_global_zero

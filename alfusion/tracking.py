@@ -13,32 +13,56 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Param
 from omegaconf import OmegaConf
 
+from alfusion.config_check import ConfigError
+
 MAX_PARAM_LENGTH = 500
 SERVER_TIMEOUT_S = 5
 # Tracking servers found unreachable in this process: finish() does not call them again.
 _dead_servers: set[str] = set()
 
 
-class TrackingServerUnreachable(RuntimeError):
-    """The http(s) tracking server does not answer; the message says how to fix it."""
+class TrackingServerUnreachable(ConfigError, RuntimeError):
+    """The http(s) tracking server does not answer; the message says how to fix it (a refused
+    setting: one line, exit status 2)."""
 
 
 def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
-    """Refuse an http(s) tracking URI whose server does not answer a plain GET of
-    ``<uri>/health`` within ``timeout`` seconds (MLflow itself would retry for minutes).
-    Any HTTP answer, even an error status, counts as a live server; other URIs pass."""
+    """Refuse an http(s) tracking URI whose server does not answer a plain GET of MLflow's
+    REST API (``experiments/get-by-name``) within ``timeout`` seconds (MLflow itself would retry
+    for minutes), or answers it but not as MLflow does (JSON with an experiment or an MLflow
+    error code; a 401/403 of a server behind authentication counts as MLflow). Other URIs
+    pass."""
     if not uri.startswith(("http://", "https://")):
         return
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # it answered
+        with urllib.request.urlopen(probe, timeout=timeout) as response:
+            status, body = response.status, response.read(65536)
+    except urllib.error.HTTPError as err:  # it answered, with an error status
+        status, body = err.code, err.read(65536)
     except (OSError, ValueError) as err:  # refused, timed out, unknown host, bad URL
         _dead_servers.add(uri)
         raise TrackingServerUnreachable(
             f"the MLflow tracking server at logger.tracking_uri={uri} does not answer ({err}). "
             "Start it (e.g. `mlflow server --port 5000`), or log to the default SQLite store "
             "(leave logger.tracking_uri unset), or run without tracking (logger=none)") from err
+    if status in (401, 403) or is_mlflow_answer(body):
+        return
+    _dead_servers.add(uri)
+    raise TrackingServerUnreachable(
+        f"logger.tracking_uri={uri} answers HTTP but is not an MLflow tracking server (GET "
+        f"{probe} gave HTTP {status} without MLflow's JSON). Point it at an MLflow server "
+        "(`mlflow server` serves one at http://HOST:5000, the REST API under /api/2.0/mlflow), "
+        "or leave it unset for the default SQLite store, or run with logger=none")
+
+
+def is_mlflow_answer(body: bytes) -> bool:
+    """Whether a REST answer is MLflow's: a JSON object with an experiment or an error code."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and ("experiment" in data or "error_code" in data)
 
 
 def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:
@@ -58,13 +82,30 @@ def make_logger(cfg, run_id: str | None = None) -> MLFlowLogger | None:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve().as_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        prepare_sqlite_store(uri, log_cfg.experiment, artifacts)
     tags = {k: str(v) for k, v in (log_cfg.get("tags") or {}).items()}
     if sweep_id() and "sweep" not in tags:
         tags["sweep"] = sweep_id()  # python -m alfusion.report --sweep <id> selects the sweep
     return MLFlowLogger(experiment_name=log_cfg.experiment, run_name=log_cfg.get("run_name"),
                         tracking_uri=uri, tags=tags or None, artifact_location=artifacts,
                         run_id=run_id)
+
+
+def prepare_sqlite_store(uri: str, experiment: str, artifacts: str | None) -> None:
+    """Create a SQLite store's tables and ``experiment`` under a file lock beside the database
+    (``<db>.lock``): two runs that start together against a new store would otherwise both
+    create MLflow's tables, and one fail ("table ... already exists")."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=artifacts)
 
 
 def sweep_id() -> str | None:
@@ -154,6 +195,28 @@ def mark_killed(logger: MLFlowLogger | None, run_id: str) -> None:
     """A run left RUNNING by a killed process, whose folder a new run now takes: KILLED."""
     if logger is not None and logger.experiment.get_run(run_id).info.status == "RUNNING":
         logger.experiment.set_terminated(run_id, "KILLED")
+
+
+def close_orphans(log_cfg, run_ids: list[str]) -> None:
+    """Mark KILLED those of ``run_ids`` (runs of killed processes) that are still RUNNING in
+    the store of ``log_cfg``; ids the store does not hold are skipped."""
+    if not run_ids or log_cfg.get("name", "mlflow") != "mlflow":
+        return
+    uri = log_cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    check_server(uri)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                print(f"[alfusion] MLflow run {run_id} of a killed run of this config: marked "
+                      "KILLED", flush=True)
+        except Exception:  # not in this store (another logger.tracking_uri)
+            continue
 
 
 def finish(logger: MLFlowLogger | None, status: str) -> None:

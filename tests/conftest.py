@@ -42,10 +42,13 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True
-            ) -> subprocess.CompletedProcess:
-    """``python -m alfusion ARGS`` in a subprocess; returns the finished process."""
-    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True,
+            full_error: bool = True) -> subprocess.CompletedProcess:
+    """``python -m alfusion ARGS`` in a subprocess; returns the finished process.
+    ``full_error``: tracebacks on (HYDRA_FULL_ERROR=1); off, as a user sees a refusal."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
     proc = subprocess.run([sys.executable, "-m", "alfusion", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -36,6 +36,18 @@ BAD_SETTINGS = [  # (overrides, the key the message must name)
     (["backbone.key=.."], "backbone.key"),
     (["probe.name=a/b"], "probe.name"),
     (["probe=finetune", "mode=end2end"], "mode"),
+    (["probe.regions=0"], "probe.regions"),
+    (["probe.regions=-1"], "probe.regions"),
+    (["probe.regions=abc"], "probe.regions"),
+    (["probe.tokens=cls+ap+regions", "probe.regions=99"], "probe.regions"),
+    (["probe.tokens=cls+ap+regions"], "probe.regions"),
+    (["probe.regions=2"], "probe.regions"),
+    (["probe.tokens=bogus"], "probe.tokens"),
+    (["probe.layers=[0,99]"], "probe.layers"),
+    (["backbone=tiny_vit", "probe.layers=[5]"], "probe.layers"),
+    (["probe.layers=bogus"], "probe.layers"),
+    (["end2end.jitter=bogus"], "end2end.jitter"),
+    (["train.jitter_draws=bogus"], "train.jitter_draws"),
 ]
 
 
@@ -48,7 +60,10 @@ def test_bad_setting_is_refused_naming_the_key(overrides, key):
 
 @pytest.mark.parametrize("overrides,key", [(["search.lr=abc"], "search.lr"),
                                            (["dataset.name=x/../../../ESCAPED"],
-                                            "dataset.name")])
+                                            "dataset.name"),
+                                           (["probe.layers=[0,99]"], "probe.layers"),
+                                           (["probe.tokens=cls+ap+regions",
+                                             "probe.regions=99"], "probe.regions")])
 def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path, overrides, key):
     """Through the real CLI: the check runs before any work (and before the run folder)."""
     root = tmp_path / "root"
@@ -59,7 +74,7 @@ def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path,
     assert key in proc.stderr, proc.stderr[-2000:]
     assert "not allowed" in proc.stderr
     assert seconds < 30, seconds  # the CLI's start-up only; no backbone, no extraction
-    assert not (root / "cache").exists()
+    assert not (root / "cache").exists() and not (root / "mlflow.db").exists()
     assert not list(tmp_path.rglob("ESCAPED*"))  # nothing was written outside paths.root
 
 
@@ -87,11 +102,17 @@ def test_a_single_number_is_a_one_value_grid():
     assert list(cfg.search.lr) == [0.01] and list(cfg.search.wd) == [0]
     configs = expand_grid(cfg.search, attentive=True)
     assert [(c.lr, c.wd, c.dropout) for c in configs] == [(0.01, 0.0, 0.1)]
+    cfg = check_config(compose_config("backbone=tiny_vit", "probe.layers=3"))
+    assert list(cfg.probe.layers) == [3]  # one layer number: that layer
 
 
 def test_the_default_and_paper_configs_pass():
     check_config(compose_config())
     check_config(compose_config("search=paper", "fewshot_k=4", "train.epochs=0"))
+    for probe in ("alf", "aat", "aat_quarterly", "linear", "linear_concat", "attentive_last"):
+        check_config(compose_config(f"probe={probe}", "backbone=tiny_vit"))
+    check_config(compose_config("probe.tokens=cls+ap+regions", "probe.regions=2",
+                                "probe.layers=[1,12]", "train.jitter_draws=per_probe"))
 
 
 def test_a_train_split_with_one_class_is_refused():
@@ -100,3 +121,22 @@ def test_a_train_split_with_one_class_is_refused():
     with pytest.raises(ConfigError, match="outside 0..9"):
         check_labels(np.array([0, 1, 10]), 10, "train")
     check_labels(np.array([0, 1, 1]), 10, "train")
+
+
+@pytest.mark.parametrize("override", ["search.lr=abc", "dataset.name=x/../../../ESCAPED"])
+def test_a_refusal_is_one_line_with_exit_status_2_and_leaves_no_run_folder(tmp_path, override):
+    root = tmp_path / "root"
+    proc = run_cli(*tiny_overrides(root, override), check=False, timeout=60, full_error=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.splitlines() == [line] and line.startswith("[alfusion] ")
+    assert f"{override.split('=')[0]}=" in line and "is not allowed: " in line
+    assert not [p for p in root.rglob("*") if p.is_file()]  # no run folder, no cache
+
+
+def test_a_refusal_shows_its_traceback_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALFUSION_DEBUG", "1")
+    proc = run_cli(*tiny_overrides(tmp_path, "search.lr=abc"), check=False, timeout=60,
+                   full_error=False)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "search.lr='abc' is not allowed" in proc.stderr

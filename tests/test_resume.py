@@ -42,3 +42,45 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     b = torch.load(cut / "run/probe.pt", weights_only=True)["state_dict"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_finds_a_killed_run_in_a_folder_outside_paths_root(tmp_path):
+    run_dir, root = tmp_path / "run", tmp_path / "outputs"
+    args = [*tiny_overrides(root, "search=quick", "train.min_steps=40",
+                            "train.checkpoint_every=5"), f"hydra.run.dir={run_dir}"]
+    ckpt = kill_at_first_checkpoint(run_dir, *args, stage="grid")
+    step = torch.load(ckpt, weights_only=True)["step"]["step_count"]
+    assert 0 < step < 40, step  # killed inside the grid
+    [killed] = mlflow_runs(root)
+
+    proc = run_cli(*args, "resume=true")
+    assert (f"resume=true: continuing the unfinished run in {run_dir} (MLflow run "
+            f"{killed.info.run_id}; finished fits: none; grid from step {step})") in proc.stdout
+    [run] = mlflow_runs(root)  # the same MLflow run, not a second one
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["grid"]) == 3 and results["fit"]["steps"] == 40
+    assert not (root / "runs").exists()  # no new run folder under paths.root
+
+
+def test_a_plain_rerun_closes_the_killed_run_and_resume_leaves_no_stray_folder(tmp_path):
+    killed_dir = tmp_path / "runs/killed"
+    args = tiny_overrides(tmp_path, "search.validate=false", "train.min_steps=60",
+                          "train.checkpoint_every=5")
+    kill_at_first_checkpoint(killed_dir, *args, f"hydra.run.dir={killed_dir}")
+    [killed] = mlflow_runs(tmp_path)
+    assert killed.info.status == "RUNNING"
+
+    proc = run_cli(*args)  # the same config again, without resume=true, in a new folder
+    assert f"MLflow run {killed.info.run_id} of a killed run of this config" in proc.stdout
+    status = {r.info.run_id: r.info.status for r in mlflow_runs(tmp_path)}
+    assert status.pop(killed.info.run_id) == "KILLED"
+    assert list(status.values()) == ["FINISHED"]
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and "killed" in folders
+
+    run_cli(*args, "resume=true")  # continues runs/killed; its own new folder is removed
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == folders
+    assert {r.info.status for r in mlflow_runs(tmp_path)} == {"FINISHED"}
+    assert (killed_dir / "results.json").exists()
+    assert not (killed_dir / "checkpoints").exists()  # a finished run keeps no checkpoints

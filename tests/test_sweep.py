@@ -29,17 +29,17 @@ def test_sweep_of_four_jobs_and_a_failing_job(tmp_path):
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert summary["completed"] == [0, 1, 2, 3] and summary["failed"] == []
 
-    bad = tmp_path / "bad"
+    bad = tmp_path / "bad"  # a job that fails while it runs: its final fit diverges
     proc = run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "probe=linear",
-                                         "probe.layers=last,[99]", f"hydra.sweep.dir={bad}"),
+                                         "search.lr=0.01,1e20", f"hydra.sweep.dir={bad}"),
                    check=False)
     assert proc.returncode == 1  # the sweep ran to its end and reports the failure
-    assert "layers [99] outside 1..4" in proc.stderr
+    assert "NonFiniteLoss" in proc.stderr and "lr=1e+20" in proc.stderr
     assert "1 of 2 jobs completed, 1 failed" in proc.stderr
     summary = json.loads((bad / "sweep_summary.json").read_text())
     assert summary["completed"] == [0]
     assert [f["num"] for f in summary["failed"]] == [1]
-    assert "outside 1..4" in summary["failed"][0]["error"]
+    assert "lr=1e+20" in summary["failed"][0]["error"]
     statuses = sorted(r.info.status for r in runs_of(tmp_path) if r.data.tags["sweep"] == "bad")
     assert statuses == ["FAILED", "FINISHED"]
 
@@ -70,3 +70,19 @@ def test_slurm_launcher_and_paper_table_compose():
     assert {"alf", "linear", "finetune"} <= set(probes)
     for name in probes:
         compose_config(f"probe={name}", f"dataset={datasets[0]}")  # every job composes
+
+
+def test_a_refused_job_fails_in_one_line_and_the_sweep_still_summarises(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "search.lr=-1,0.01",
+                                         f"hydra.sweep.dir={sweep}"),
+                   check=False, full_error=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "search.lr=-1) refused: search.lr=-1 is not allowed" in proc.stderr
+    assert "1 of 2 jobs completed, 1 failed" in proc.stderr
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["completed"] == [1] and [f["num"] for f in summary["failed"]] == [0]
+    assert "search.lr=-1 is not allowed" in summary["failed"][0]["error"]
+    [run] = runs_of(tmp_path)  # the refused job opened no MLflow run
+    assert run.info.status == "FINISHED"

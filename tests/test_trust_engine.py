@@ -30,9 +30,11 @@ def test_a_crafted_probe_or_checkpoint_never_runs_its_code(tmp_path):
     crafted = tmp_path / "probe.pt"
     torch.save({"state_dict": {}, "config": Payload(marker)}, crafted)
     proc = run_cli("task=evaluate", f"probe_path={crafted}", f"paths.root={tmp_path}",
-                   check=False)
-    assert proc.returncode != 0 and not marker.exists()
+                   check=False, full_error=False)
+    assert proc.returncode == 2 and not marker.exists()
     assert "never run" in proc.stderr and "probe_path" in proc.stderr
+    assert "posix.system" in proc.stderr  # what it asked to run
+    assert "weights_only" not in proc.stderr  # never the advice to load it unsafely
 
     run_dir = tmp_path / "run"  # a run folder whose checkpoint was replaced by a crafted one
     run_cli(*tiny_overrides(tmp_path, "search.validate=false", f"hydra.run.dir={run_dir}"))
@@ -40,9 +42,10 @@ def test_a_crafted_probe_or_checkpoint_never_runs_its_code(tmp_path):
     stage.mkdir(parents=True)
     torch.save({"step": Payload(marker)}, stage / "last.rank0.pt")
     proc = run_cli(*tiny_overrides(tmp_path, f"ckpt_path={stage / 'last.rank0.pt'}"),
-                   check=False)
-    assert proc.returncode != 0 and not marker.exists()
+                   check=False, full_error=False)
+    assert proc.returncode == 2 and not marker.exists()
     assert "never run" in proc.stderr and "ckpt_path" in proc.stderr
+    assert "weights_only" not in proc.stderr
 
 
 def test_a_missing_ckpt_path_is_refused_in_cached_mode(tmp_path):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
+from alfusion.checkpoints import save_checkpoint
 from alfusion.engine.step import BankStep
 from alfusion.probes.bank import ProbeBank
 
@@ -127,7 +128,8 @@ class BankModule(L.LightningModule):
 
 class StepCheckpoint(Callback):
     """Every ``every`` optimiser steps, this rank's engine state to ``folder``/last.rank{r}.pt,
-    written to a temporary name and renamed (a partial file never looks complete)."""
+    checksummed, keeping the one before (alfusion/checkpoints.py: a partial or damaged file never
+    passes as intact)."""
 
     def __init__(self, folder: Path, every: int) -> None:
         self.folder, self.every = Path(folder), every
@@ -136,11 +138,7 @@ class StepCheckpoint(Callback):
         s = module.core.step_count
         if s % self.every or module.core.finished:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = checkpoint_file(self.folder, world_and_rank()[1])
-        tmp = path.with_suffix(".tmp")
-        torch.save(module.checkpoint(), tmp)
-        os.replace(tmp, path)
+        save_checkpoint(module.checkpoint(), checkpoint_file(self.folder, world_and_rank()[1]))
 
 
 class BankDDPStrategy(DDPStrategy):
