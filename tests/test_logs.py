@@ -30,8 +30,9 @@ def test_cli_without_a_terminal_writes_a_few_lines_and_the_summary(tmp_path):
          f"paths.root={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Lightning's bars would redraw twice per step here: ~70 KB for these two 200-step fits
-    assert len(proc.stdout) + len(proc.stderr) < 4000, (len(proc.stdout), len(proc.stderr))
+    # At most 12 lines per fit (slow machines included); Lightning's bars would redraw twice
+    # per step here: about 70 KB for these two 200-step fits
+    assert len(proc.stdout) + len(proc.stderr) < 8000, (len(proc.stdout), len(proc.stderr))
     assert "\r" not in proc.stdout
     lines = proc.stdout.splitlines()
     assert re.fullmatch(r"\[alfusion\] fit grid \(3 configurations\): \d+ steps", lines[0])
