@@ -30,9 +30,14 @@ lint: install
 	$(BIN)/ruff check .
 
 # make ui [PORT=5000]: the MLflow UI over outputs/mlflow.db (runs, metrics, heatmaps, plots);
-# without MLflow's GenAI job runner (seven worker processes that browsing runs does not need)
+# without MLflow's GenAI job runner (seven worker processes that browsing runs does not need).
+# It prints the address of the experiment's runs table, sorted by test balanced accuracy.
 PORT ?= 5000
+EXPERIMENT ?= alfusion
 ui: install
+	@$(BIN)/python -c "from alfusion.tracking import runs_view_url; \
+	print('alfusion runs:', runs_view_url('sqlite:///outputs/mlflow.db', \
+	'http://127.0.0.1:$(PORT)', '$(EXPERIMENT)'))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port $(PORT)
 

@@ -30,6 +30,7 @@ SAFE_NAME_RULE = "one path component of letters, digits and . _ - + = (no '/', n
 # report files).
 PATH_NAME_KEYS = ("dataset.name", "backbone.key", "probe.name")
 FINGERPRINT_MODES = ("stat", "content")
+PROGRESS_MODES = ("auto", "bars", "lines", True, False)  # true: auto
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,10 @@ def check_config(cfg: DictConfig) -> DictConfig:
     fingerprint = select(cfg, "dataset.fingerprint")
     if fingerprint is not None and fingerprint not in FINGERPRINT_MODES:
         refuse("dataset.fingerprint", fingerprint, f"one of {', '.join(FINGERPRINT_MODES)}")
+
+    progress = select(cfg, "trainer.progress_bar")
+    if progress is not None and not any(progress is m or progress == m for m in PROGRESS_MODES):
+        refuse("trainer.progress_bar", progress, "auto, bars, lines, true (auto) or false")
 
     check_grid(cfg, "search.lr", lambda v: v > 0, "> 0")
     check_grid(cfg, "search.wd", lambda v: v >= 0, ">= 0")

@@ -16,6 +16,20 @@ from omegaconf import OmegaConf
 from alfusion.config_check import ConfigError
 
 MAX_PARAM_LENGTH = 500
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# A saved view of the runs table (MLflow 3.17's UI keeps saved views as experiment tags
+# mlflow.sharedViewState.<key>, {name, createdAt, updatedAt, state: JSON} and opens one with
+# ?viewStateShareKey=<key>): the test metric first, sorted by it, then the data, then more
+# metrics (in this order the first four columns fit beside the UI's side panels at 1600 px).
+RUNS_VIEW_KEY = "alfusion"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW_NAME = "alfusion: test balanced accuracy"
+_RUNS_COLUMNS = ["metrics.`test/bal_acc`", "attributes.`Dataset`", "metrics.`test/acc1`",
+                 "metrics.`val/bal_acc`", "metrics.`probe/params`"]
+RUNS_VIEW = dict(selectedColumns=_RUNS_COLUMNS, columnOrder=_RUNS_COLUMNS,
+                 columnWidths={"metrics.`test/bal_acc`": 130},
+                 orderByKey="metrics.`test/bal_acc`", orderByAsc=False)
 SERVER_TIMEOUT_S = 5
 # Tracking servers found unreachable in this process: finish() does not call them again.
 _dead_servers: set[str] = set()
@@ -134,11 +148,92 @@ def flat_params(cfg) -> dict[str, str]:
 
 
 def log_config(logger: MLFlowLogger | None, cfg, run_dir: Path) -> None:
-    """Flattened config as params, the whole resolved YAML as an artifact."""
+    """Flattened config as params, the whole resolved YAML as an artifact; the experiment
+    marked as model training and the run's data as dataset inputs (what the UI shows)."""
     path = run_dir / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log_params(logger, flat_params(cfg))
     log_artifact(logger, path)
+    mark_model_training(logger)
+    log_datasets(logger, cfg)
+
+
+def mark_model_training(logger: MLFlowLogger | None) -> None:
+    """Mark the experiment as model training for MLflow's UI, keeping what a user set:
+    ``mlflow.experimentKind=custom_model_development`` (the tag the UI writes when a user picks
+    "Machine learning" as the experiment's kind) and the saved runs view ``RUNS_VIEW``."""
+    if logger is None:
+        return
+    client, experiment_id = logger.experiment, logger.experiment_id
+    tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND_TAG not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if RUNS_VIEW_TAG not in tags:
+        now = int(time.time() * 1000)
+        client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG, json.dumps(dict(
+            name=RUNS_VIEW_NAME, createdAt=now, updatedAt=now, state=json.dumps(RUNS_VIEW))))
+
+
+def runs_view_url(tracking_uri: str, ui_url: str, experiment: str = "alfusion") -> str:
+    """The UI address that opens ``experiment``'s runs table in the saved view (the UI's
+    "Model training" side, not GenAI); the UI's home when the experiment does not exist yet."""
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and \
+            not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return ui_url  # no runs yet (and no store to create here)
+    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        return ui_url
+    return (f"{ui_url.rstrip('/')}/#/experiments/{found.experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+def dataset_digest(cfg, split: str) -> str:
+    """The split's digest: its feature-cache fingerprint in cached mode (the cache entry's
+    name), else (images end to end) a digest of the dataset settings and the split."""
+    from alfusion.data import dataset_identity
+    from alfusion.data.cache import fingerprint_hash
+    from alfusion.data.extract import feature_fingerprint
+
+    if cfg.mode.name == "cached":
+        return fingerprint_hash(feature_fingerprint(cfg, split))
+    return fingerprint_hash(dict(dataset=dataset_identity(cfg.dataset), split=split))
+
+
+def dataset_source(dataset_cfg):
+    """Where the images come from, as an MLflow dataset source: a local folder or URL
+    (MLflow resolves which), the Hugging Face copy, or the data bundled in a package."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if dataset_cfg.get("root") or dataset_cfg.get("hf_name"):
+        from alfusion.data.wds import dataset_base
+
+        base = dataset_base(dataset_cfg) if dataset_cfg.source == "wds" else \
+            str(Path(dataset_cfg.root).expanduser().resolve())
+        return resolve_dataset_source(base)
+    return CodeDatasetSource({"dataset.source": str(dataset_cfg.source)})
+
+
+def log_datasets(logger: MLFlowLogger | None, cfg, splits=("train", "test")) -> None:
+    """Each split the run reads as an MLflow dataset input: the dataset's name, the split as
+    its context (``mlflow.data.context``), ``dataset_digest`` as its digest."""
+    if logger is None:
+        return
+    import warnings
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+        warnings.simplefilter("ignore", UserWarning)
+        source = dataset_source(cfg.dataset)
+    inputs = [DatasetInput(MetaDataset(source, name=str(cfg.dataset.name),
+                                       digest=dataset_digest(cfg, split))._to_mlflow_entity(),
+                           [InputTag(MLFLOW_DATASET_CONTEXT, split)]) for split in splits]
+    logger.experiment.log_inputs(logger.run_id, datasets=inputs)
 
 
 def log_params(logger: MLFlowLogger | None, params: dict) -> None:

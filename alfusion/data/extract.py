@@ -17,6 +17,7 @@ from tqdm import tqdm
 from alfusion.data import build_dataset, dataset_identity, split_signature, with_transform
 from alfusion.data.cache import CacheEntry, EntryWriter, FeatureCache
 from alfusion.data.wds import WebDatasetSource, part_of_stream
+from alfusion.engine.progress import tqdm_options
 from alfusion.tokens import TokenSet, backbone_arrays
 
 FORMAT_VERSION = 1  # bump when the meaning of stored arrays changes
@@ -113,7 +114,7 @@ def extract(backbone, dataset: Dataset, writer: EntryWriter, batch_size: int = 6
     pending: dict[str, list[np.ndarray]] = {}
     rows = done = 0
     bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not progress
-               or os.environ.get("ALFUSION_NO_PROGRESS") == "1")
+               or os.environ.get("ALFUSION_NO_PROGRESS") == "1", **tqdm_options(total))
     for images, labels in loader:
         with autocast(device):
             arrays = backbone_arrays(backbone, images.to(device, non_blocking=True), token_set)

@@ -14,7 +14,6 @@ of different configurations never average their gradients.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
 from alfusion.checkpoints import save_checkpoint
+from alfusion.engine.progress import progress_callback
 from alfusion.engine.step import BankStep
 from alfusion.probes.bank import ProbeBank
 
@@ -162,6 +162,7 @@ def make_trainer(trainer_cfg, logger=False, callbacks=()) -> L.Trainer:
     strategy = trainer_cfg.get("strategy", "auto")
     if str(strategy).startswith("ddp"):
         strategy = BankDDPStrategy()
+    progress = progress_callback(trainer_cfg.get("progress_bar", "auto"))
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -170,11 +171,10 @@ def make_trainer(trainer_cfg, logger=False, callbacks=()) -> L.Trainer:
         precision=resolve_precision(trainer_cfg),
         max_epochs=1,  # the loader yields exactly the fit's remaining steps
         logger=logger or False,  # None would make Lightning write lightning_logs/ here
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *([progress] if progress else [])],
         enable_checkpointing=False,
         enable_model_summary=False,
-        enable_progress_bar=trainer_cfg.get("progress_bar", True)
-        and os.environ.get("ALFUSION_NO_PROGRESS") != "1",  # CI and logs: no bars
+        enable_progress_bar=progress is not None,  # bars on a terminal, else lines
         num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=1,  # the module logs its own curve; this is the progress bar's
