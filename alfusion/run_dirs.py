@@ -4,7 +4,7 @@ Three OmegaConf resolvers, used by ``hydra.run.dir`` and ``hydra.sweep.subdir`` 
 conf/config.yaml:
 
 - ``${run_name:}``: dataset_backbone_probe (each checked as below), or for task=evaluate
-  ``evaluate_`` + the evaluated probe's run folder name.
+  (predict) ``evaluate_`` (``predict_``) + the probe's run folder name (MLflow run id).
 - ``${path_name:dataset.name}``: the value of that key, refused unless it is a single safe path
   component (``dataset.name=x/../../ESCAPED`` would otherwise put the run folder outside
   ``paths.root``).
@@ -36,9 +36,10 @@ def run_name(*, _root_) -> str:
     """What a run folder is named after: dataset_backbone_probe; for task=evaluate, what is
     really evaluated: ``evaluate_`` and the name of the probe's own run folder (the dataset,
     backbone and probe of the command line play no part in an evaluation)."""
-    if OmegaConf.select(_root_, "task") == "evaluate" and OmegaConf.select(_root_, "probe_path"):
+    task = OmegaConf.select(_root_, "task")
+    if task in ("evaluate", "predict") and OmegaConf.select(_root_, "probe_path"):
         folder = os.path.basename(os.path.dirname(os.path.abspath(_root_.probe_path)))
-        return "evaluate_" + check_path_name("probe_path (its folder)", folder or "probe")
+        return f"{task}_" + check_path_name("probe_path (its folder)", folder or "probe")
     return "_".join(path_name(key, _root_=_root_)
                     for key in ("dataset.name", "backbone.key", "probe.name"))
 
