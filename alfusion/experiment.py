@@ -191,11 +191,13 @@ def refuse_overrides(task: str = "evaluate") -> None:
 
 def probe_file(cfg, run_dir: Path) -> Path:
     """The local probe.pt that ``probe_path`` names: a path, or a URI MLflow resolves
-    (``runs:/<run_id>/probe.pt``), downloaded through the run's tracking store
-    (``logger.tracking_uri``) into ``<run_dir>/downloaded/``."""
+    (``runs:/<run_id>/probe.pt``, or just ``runs:/<run_id>``), downloaded through the run's
+    tracking store (``logger.tracking_uri``) into ``<run_dir>/downloaded/``."""
     if not cfg.get("probe_path"):
         raise ValueError(f"task={cfg.task} needs probe_path: {EVALUATE_FIX}")
     location = str(cfg.probe_path)
+    if location.startswith("runs:/") and "/" not in location.removeprefix("runs:/").strip("/"):
+        location = location.rstrip("/") + "/probe.pt"  # runs:/<run id>: that run's probe
     if tracking.is_artifact_uri(location):
         path = tracking.download_artifact(location, OmegaConf.select(cfg, "logger.tracking_uri"),
                                           run_dir / "downloaded", "probe_path", EVALUATE_FIX)

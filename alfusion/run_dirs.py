@@ -33,12 +33,15 @@ def path_name(key: str, *, _root_) -> str:
 
 
 def run_name(*, _root_) -> str:
-    """What a run folder is named after: dataset_backbone_probe; for task=evaluate, what is
-    really evaluated: ``evaluate_`` and the name of the probe's own run folder (the dataset,
-    backbone and probe of the command line play no part in an evaluation)."""
+    """What a run folder is named after: dataset_backbone_probe; for task=evaluate (predict),
+    the probe used: ``evaluate_`` (``predict_``) and the name of the probe's own run folder,
+    or its MLflow run id for ``runs:/<run id>/...`` (the backbone and probe of the command
+    line play no part in it)."""
     task = OmegaConf.select(_root_, "task")
     if task in ("evaluate", "predict") and OmegaConf.select(_root_, "probe_path"):
-        folder = os.path.basename(os.path.dirname(os.path.abspath(_root_.probe_path)))
+        path = str(_root_.probe_path)
+        folder = (path.removeprefix("runs:/").strip("/").split("/")[0] if path.startswith("runs:/")
+                  else os.path.basename(os.path.dirname(os.path.abspath(path))))
         return f"{task}_" + check_path_name("probe_path (its folder)", folder or "probe")
     return "_".join(path_name(key, _root_=_root_)
                     for key in ("dataset.name", "backbone.key", "probe.name"))
