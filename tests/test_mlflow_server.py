@@ -67,8 +67,8 @@ def server(tmp_path_factory):
 
 def test_a_probe_logged_to_a_server_evaluates_from_its_run_uri(server, tmp_path):
     run_dir = tmp_path / "train"
-    run_cli(*tiny_overrides(tmp_path, f"logger.tracking_uri={server}",
-                            f"hydra.run.dir={run_dir}"))
+    run_cli(*tiny_overrides(tmp_path, f"logger.tracking_uri={server}", "train.min_steps=5",
+                            "search.validate=false", f"hydra.run.dir={run_dir}"))
     results = json.loads((run_dir / "results.json").read_text())
     run_id = results["mlflow_run_id"]
     client = mlflow.MlflowClient(server)

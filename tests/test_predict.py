@@ -25,7 +25,8 @@ def cached_probe(tmp_path_factory):
     """(paths.root, run folder) of a tiny cached ALF run on digits (60 test images)."""
     root = tmp_path_factory.mktemp("predict")
     run_dir = root / "train"
-    run_cli(*tiny_overrides(root, f"hydra.run.dir={run_dir}"))
+    run_cli(*tiny_overrides(root, "train.min_steps=5", "search.validate=false",
+                            f"hydra.run.dir={run_dir}"))
     return root, run_dir
 
 
@@ -122,6 +123,7 @@ def test_bad_inputs_are_refused_before_any_work(cached_probe, tmp_path):
 def test_an_end_to_end_probe_predicts_a_webdataset_split(tmp_path):
     run_dir = tmp_path / "train"
     run_cli(*tiny_overrides(tmp_path, "mode=end2end", "search.validate=false",
+                            "train.min_steps=5", "train.epochs=1",
                             "end2end.num_workers=0", f"hydra.run.dir={run_dir}"))
     shards = write_digits_wds(tmp_path / "wds", train=8, test=20, shard_size=8)
     out = tmp_path / "predict"
