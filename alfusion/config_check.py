@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-TASKS = ("train", "extract", "evaluate")
+TASKS = ("train", "extract", "evaluate", "predict")
 MODES = ("cached", "end2end", "finetune")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # A value that becomes one file or folder name: no separators, no "..", no shell surprises.
@@ -131,6 +131,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
     if cfg.get("task") not in TASKS:
         refuse("task", cfg.get("task"), f"one of {', '.join(TASKS)}")
     check_mode(cfg)
+    check_predict(cfg)
     if not is_int(cfg.get("seed")):
         refuse("seed", cfg.get("seed"), "an integer")
     for key in PATH_NAME_KEYS:
@@ -271,6 +272,29 @@ def check_against_backbone(cfg: DictConfig, layers, regions: int | None) -> None
         refuse("probe.regions", regions, f"at most {min(layout.grid)}: backbone {name} sees a "
                f"{rows} x {cols} patch grid at {layout.input_size} px (or raise "
                "backbone.img_size)")
+
+
+def check_predict(cfg: DictConfig) -> None:
+    """task=evaluate and task=predict need ``probe_path``; predict also the images to label:
+    ``predict.split`` null (every image under a folder's ``dataset.root``), train or test."""
+    task = cfg.get("task")
+    if task in ("evaluate", "predict") and not cfg.get("probe_path"):
+        refuse("probe_path", None, f"task={task} needs the probe: <run folder>/probe.pt of a "
+               "finished run, or runs:/<MLflow run id>/probe.pt")
+    if task != "predict":
+        return
+    split = select(cfg, "predict.split")
+    if split not in (None, "train", "test"):
+        refuse("predict.split", split, "null (every image under dataset.root of dataset=folder), "
+               "train or test")
+    if split is None and select(cfg, "dataset.source") != "folder":
+        refuse("predict.split", None, f"dataset={select(cfg, 'dataset.name')} has splits: set "
+               "predict.split=train|test, or use dataset=folder dataset.root=DIR for a folder "
+               "of images")
+    if select(cfg, "dataset.source") == "folder" and not select(cfg, "dataset.root"):
+        refuse("dataset.root", None, "task=predict needs the folder of images: "
+               "dataset=folder dataset.root=DIR")
+    check_int(cfg, "predict.top_k", 1)
 
 
 def check_mode(cfg: DictConfig) -> None:

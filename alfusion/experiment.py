@@ -11,6 +11,7 @@ from omegaconf import OmegaConf, open_dict
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
 from alfusion.config_check import ConfigError, MissingFile
+from alfusion.data import class_names
 from alfusion.data.extract import load_or_extract
 from alfusion.distributed import is_global_zero
 from alfusion.end2end.encoder import state_checksum
@@ -137,6 +138,7 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
             tracking.set_tag(logger, f"backbone_sha256_{when}", value)
     save_probe(run_dir / "probe.pt", probe, cfg, summary, inputs["dims"],
                encoder.backbone if encoder is not None and encoder.trainable else None)
+    tracking.log_artifact(logger, run_dir / "probe.pt")  # probe_path=runs:/<run id>/probe.pt
     x_test = inputs["test"].x if isinstance(inputs["test"], TokenData) else None
     summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
                                                x_test, summary, resolve_device(cfg.device))
@@ -153,11 +155,13 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
 def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: list[int],
                backbone: torch.nn.Module | None = None) -> None:
     """probe.pt: tensors and plain containers only (it loads with weights_only=True): the
-    probe's state dict, the resolved config, sizes, the chosen configuration, and the
-    fine-tuned backbone's state dict when the backbone was trained."""
+    probe's state dict, the resolved config, sizes, the chosen configuration, the class names
+    (task=predict), and the fine-tuned backbone's state dict when the backbone was trained."""
     data = dict(state_dict=probe.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
                 dims=list(dims), num_classes=summary["num_classes"],
-                num_tokens=summary["num_tokens"], chosen=summary["chosen"], mode=summary["mode"])
+                num_tokens=summary["num_tokens"], chosen=summary["chosen"], mode=summary["mode"],
+                class_names=class_names(cfg.dataset, summary["num_classes"]),
+                mlflow_run_id=summary["mlflow_run_id"])
     if backbone is not None:
         data["backbone_state_dict"] = backbone.state_dict()
     tmp = path.with_suffix(".tmp")
@@ -165,40 +169,77 @@ def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: lis
     tmp.replace(path)
 
 
-EVALUATE_FIX = "pass probe_path=<run folder>/probe.pt of a finished alfusion run"
+EVALUATE_FIX = ("pass probe_path=<run folder>/probe.pt of a finished alfusion run, or "
+                "probe_path=runs:/<MLflow run id>/probe.pt")
 
 
-def refuse_overrides_for_evaluate() -> None:
-    """task=evaluate scores a probe with the backbone and on the dataset it was trained for:
-    a backbone= or dataset= choice on the command line would be ignored, so it is refused."""
+def refuse_overrides(task: str = "evaluate") -> None:
+    """task=evaluate (and predict) use the backbone, probe and mode the probe was trained
+    with, evaluate also its dataset: such a choice on the command line would be ignored, so it
+    is refused."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return
-    given = [o for o in HydraConfig.get().overrides.task
-             if o.split("=")[0].lstrip("+~") in ("backbone", "dataset", "probe", "mode")]
+    keys = ("backbone", "probe", "mode") + (("dataset",) if task == "evaluate" else ())
+    given = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in keys]
     if given:
-        raise ConfigError(f"task=evaluate uses the probe's own backbone, dataset, probe and "
-                          f"mode (from its probe.pt); remove {' '.join(given)} (to evaluate "
-                          "on another dataset, train a probe for it)")
+        also = "" if task == "predict" else (" (to evaluate on another dataset, train a probe "
+                                             "for it, or use task=predict)")
+        raise ConfigError(f"task={task} uses the probe's own {', '.join(keys)} (from its "
+                         f"probe.pt); remove {' '.join(given)}{also}")
+
+
+def probe_file(cfg, run_dir: Path) -> Path:
+    """The local probe.pt that ``probe_path`` names: a path, or a URI MLflow resolves
+    (``runs:/<run_id>/probe.pt``, or just ``runs:/<run_id>``), downloaded through the run's
+    tracking store (``logger.tracking_uri``) into ``<run_dir>/downloaded/``."""
+    if not cfg.get("probe_path"):
+        raise ConfigError(f"task={cfg.task} needs probe_path: {EVALUATE_FIX}")
+    location = str(cfg.probe_path)
+    if location.startswith("runs:/") and "/" not in location.removeprefix("runs:/").strip("/"):
+        location = location.rstrip("/") + "/probe.pt"  # runs:/<run id>: that run's probe
+    if tracking.is_artifact_uri(location):
+        path = tracking.download_artifact(location, OmegaConf.select(cfg, "logger.tracking_uri"),
+                                          run_dir / "downloaded", "probe_path", EVALUATE_FIX)
+        if path.is_dir():  # the URI named the run's artifact folder
+            path = path / "probe.pt"
+    else:
+        path = Path(location).expanduser()
+    if not path.is_file():
+        raise MissingFile(f"probe_path={location}: no such file; {EVALUATE_FIX}")
+    return path
+
+
+def load_probe(cfg, run_dir: Path) -> tuple[Path, dict, object]:
+    """(probe.pt's local path, its saved data, its config with the command's ``paths``) for
+    ``probe_path``; it is read as tensors and plain containers, nothing in it is executed."""
+    path = probe_file(cfg, run_dir)
+    saved = load_tensors(path, "probe_path", EVALUATE_FIX)
+    if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
+        raise ConfigError(f"probe_path={cfg.probe_path} is not an alfusion probe.pt: "
+                         f"{EVALUATE_FIX}")
+    saved_cfg = OmegaConf.create(saved["config"])
+    saved_cfg.paths = cfg.paths
+    return path, saved, saved_cfg
+
+
+def saved_probe(saved: dict, saved_cfg, token_set, device: torch.device) -> ProbeBank:
+    """The saved probe, rebuilt for ``token_set`` with its trained weights: a bank of one."""
+    hp = HParams(**saved["chosen"])
+    probe = build_probe(saved_cfg.probe, token_set, saved["dims"], saved["num_classes"],
+                        saved["num_tokens"], attn_drop=hp.dropout)
+    probe.load_state_dict(saved["state_dict"])
+    return ProbeBank.from_probes([probe.to(device)])
 
 
 def run_evaluate(cfg, run_dir: Path) -> dict:
-    """Score a saved probe (``probe_path=``) on its test split, without training, with the
-    backbone it was trained with (a fine-tuned one included) and in its own mode."""
-    if not cfg.get("probe_path"):
-        raise ConfigError(f"task=evaluate needs probe_path: {EVALUATE_FIX}")
-    refuse_overrides_for_evaluate()
-    path = Path(cfg.probe_path)
-    if not path.is_file():
-        raise MissingFile(f"probe_path={path}: no such file; {EVALUATE_FIX}")
-    saved = load_tensors(path, "probe_path", EVALUATE_FIX)
-    if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
-        raise ConfigError(f"probe_path={path} is not an alfusion probe.pt: {EVALUATE_FIX}")
-    saved_cfg = OmegaConf.create(saved["config"])
-    saved_cfg.paths = cfg.paths
+    """Score a saved probe (``probe_path=``: a file or an MLflow URI) on its test split,
+    without training, with the backbone it was trained with (a fine-tuned one included) and
+    in its own mode."""
+    refuse_overrides("evaluate")
+    path, saved, saved_cfg = load_probe(cfg, run_dir)
     device = resolve_device(cfg.device)
-    hp = HParams(**saved["chosen"])
     if saved_cfg.mode.name == "cached":
         x, y, token_set, _ = split_tokens(saved_cfg, "test", device)
         test = TokenData(x, y)
@@ -206,17 +247,16 @@ def run_evaluate(cfg, run_dir: Path) -> dict:
         encoder, eval_tf = build_encoder(saved_cfg, saved.get("backbone_state_dict"))
         test = image_inputs(saved_cfg, encoder, eval_tf, device, splits=("test",)).test
         token_set = encoder.token_set
-    probe = build_probe(saved_cfg.probe, token_set, saved["dims"], saved["num_classes"],
-                        saved["num_tokens"], attn_drop=hp.dropout)
-    probe.load_state_dict(saved["state_dict"])
-    logits, labels = test.logits(ProbeBank.from_probes([probe.to(device)]))
+    logits, labels = test.logits(saved_probe(saved, saved_cfg, token_set, device))
     metrics = classification_metrics(logits[0], labels, saved["num_classes"])
     metrics.pop("per_class_recall")
-    print(f"[alfusion] evaluate {path} ({saved_cfg.mode.name} {saved_cfg.dataset.name} | "
-          f"{saved_cfg.backbone.name} | {saved_cfg.probe.name}): {metrics}")
+    print(f"[alfusion] evaluate {cfg.probe_path} ({saved_cfg.mode.name} "
+          f"{saved_cfg.dataset.name} | {saved_cfg.backbone.name} | {saved_cfg.probe.name}): "
+          f"{metrics}")
     tracking.write_json(run_dir / "evaluation.json", dict(
-        probe_path=str(path), mode=saved_cfg.mode.name, dataset=saved_cfg.dataset.name,
-        backbone=saved_cfg.backbone.name, probe=saved_cfg.probe.name, test=metrics))
+        probe_path=str(cfg.probe_path), probe_file=str(path), mode=saved_cfg.mode.name,
+        dataset=saved_cfg.dataset.name, backbone=saved_cfg.backbone.name,
+        probe=saved_cfg.probe.name, test=metrics))
     return metrics
 
 
@@ -230,4 +270,12 @@ def run_extract(cfg, run_dir: Path) -> dict:
     return out
 
 
-TASKS = {"train": run_train, "extract": run_extract, "evaluate": run_evaluate}
+def run_predict(cfg, run_dir: Path) -> dict:
+    """task=predict: alfusion/predict.py (imported here late: it builds on this module)."""
+    from alfusion.predict import run_predict as predict
+
+    return predict(cfg, run_dir)
+
+
+TASKS = {"train": run_train, "extract": run_extract, "evaluate": run_evaluate,
+         "predict": run_predict}

@@ -4,7 +4,7 @@ Three OmegaConf resolvers, used by ``hydra.run.dir`` and ``hydra.sweep.subdir`` 
 conf/config.yaml:
 
 - ``${run_name:}``: dataset_backbone_probe (each checked as below), or for task=evaluate
-  ``evaluate_`` + the evaluated probe's run folder name.
+  (predict) ``evaluate_`` (``predict_``) + the probe's run folder name (MLflow run id).
 - ``${path_name:dataset.name}``: the value of that key, refused unless it is a single safe path
   component (``dataset.name=x/../../ESCAPED`` would otherwise put the run folder outside
   ``paths.root``).
@@ -50,13 +50,17 @@ def path_name(key: str, *, _root_) -> str:
 
 
 def run_name(*, _root_) -> str:
-    """What a run folder is named after: dataset_backbone_probe; for task=evaluate, what is
-    really evaluated: ``evaluate_`` and the name of the probe's own run folder (the dataset,
-    backbone and probe of the command line play no part in an evaluation)."""
-    if OmegaConf.select(_root_, "task") == "evaluate" and OmegaConf.select(_root_, "probe_path"):
-        folder = os.path.basename(os.path.dirname(os.path.abspath(_root_.probe_path)))
+    """What a run folder is named after: dataset_backbone_probe; for task=evaluate (predict),
+    the probe used: ``evaluate_`` (``predict_``) and the name of the probe's own run folder,
+    or its MLflow run id for ``runs:/<run id>/...`` (the backbone and probe of the command
+    line play no part in it)."""
+    task = OmegaConf.select(_root_, "task")
+    if task in ("evaluate", "predict") and OmegaConf.select(_root_, "probe_path"):
+        path = str(_root_.probe_path)
+        folder = (path.removeprefix("runs:/").strip("/").split("/")[0] if path.startswith("runs:/")
+                  else os.path.basename(os.path.dirname(os.path.abspath(path))))
         try:
-            return "evaluate_" + check_path_name("probe_path (its folder)", folder or "probe")
+            return f"{task}_" + check_path_name("probe_path (its folder)", folder or "probe")
         except ConfigError as err:
             exit_refused(err)
     return "_".join(path_name(key, _root_=_root_)

@@ -342,3 +342,39 @@ def finish(logger: MLFlowLogger | None, status: str) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def is_artifact_uri(location: str) -> bool:
+    """Whether ``location`` is a URI for MLflow to resolve (``runs:/<run_id>/probe.pt``,
+    ``models:/...``, ``mlflow-artifacts:/...``, ``s3://...``) rather than a local path."""
+    scheme, sep, _ = str(location).partition(":/")
+    return bool(sep) and len(scheme) > 1 and scheme.replace("-", "").replace("+", "").isalnum()
+
+
+def download_artifact(uri: str, tracking_uri: str | None, dst: Path, key: str,
+                      fix: str) -> Path:
+    """The local copy, under ``dst``, of the artifact that MLflow resolves ``uri`` to, read
+    through the tracking store at ``tracking_uri``. An unreachable server, an unknown run or
+    model and a missing artifact each fail at once with a message naming ``key`` and ``fix``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not tracking_uri:
+        raise ValueError(f"{key}={uri} is read through MLflow, which needs a tracking URI: use "
+                         "logger=mlflow with logger.tracking_uri=<the store of that run>")
+    check_server(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        store = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not store.is_file():  # MLflow would create an empty store and then miss the run
+            raise FileNotFoundError(f"{key}={uri}: there is no MLflow store at {store} "
+                                    f"(logger.tracking_uri={tracking_uri}); set "
+                                    "logger.tracking_uri to the store the run logged to")
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri))
+    except MlflowException as err:
+        raise FileNotFoundError(f"{key}={uri} cannot be downloaded from the MLflow store at "
+                                f"{tracking_uri}: {err.message} ({err.error_code}). Check the "
+                                f"run id and the artifact's path (the run's Artifacts tab "
+                                f"lists them), and logger.tracking_uri; {fix}") from err

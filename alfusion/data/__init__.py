@@ -1,7 +1,8 @@
 """Image sources: ``build_dataset(cfg, split, transform)`` -> a Dataset of (image, label).
 
 Sources (``dataset.source``): ``digits`` (bundled, the offline default), ``wds`` (clip_benchmark
-webdataset, local folder or Hugging Face), ``folder`` (``root/{train,test}/<class>/<image>``).
+webdataset, local folder or Hugging Face), ``folder`` (``root/{train,test}/<class>/<image>``,
+or with split ``images`` every image under ``root``, unlabeled: task=predict).
 Building a source checks its layout, labels and emptiness, so bad input fails before any work.
 """
 
@@ -14,9 +15,15 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from alfusion.data.digits import DigitsDataset
-from alfusion.data.folder import ImageFolderSource
-from alfusion.data.shards import is_remote
-from alfusion.data.wds import DatasetUnavailable, WebDatasetSource, read_split, wds_source
+from alfusion.data.folder import PLAIN, ImageFolderSource, folder_classes, plain_images
+from alfusion.data.shards import is_remote, iter_samples
+from alfusion.data.wds import (
+    DatasetUnavailable,
+    WebDatasetSource,
+    dataset_base,
+    read_split,
+    wds_source,
+)
 
 SOURCES = ("digits", "wds", "folder")
 
@@ -33,6 +40,8 @@ def build_dataset(cfg, split: str, transform=None) -> Dataset:
             raise DatasetUnavailable("dataset=folder needs dataset.root=PATH "
                                      "(PATH/{train,test}/<class>/<image>)")
         source = ImageFolderSource(cfg.root, split, transform, limit=cfg.get("limit"))
+        if split == PLAIN:
+            return source  # new images, no labels: no classes to check
         expected = cfg.get("num_classes")
         if expected is not None and expected != source.num_classes:
             raise DatasetUnavailable(f"image folder {source.root} has {source.num_classes} "
@@ -87,6 +96,8 @@ def split_signature(cfg, split: str) -> str | None:
     root = Path(root).expanduser().resolve()
     if cfg.source == "wds":
         files = [Path(s) for s in read_split(str(root), split).shards] + [root / "classnames.txt"]
+    elif split == PLAIN:
+        files = plain_images(root)
     else:
         files = sorted(p for p in (root / split).rglob("*") if p.is_file())
     digest = hashlib.sha256(f"{mode}\n".encode())
@@ -99,3 +110,32 @@ def split_signature(cfg, split: str) -> str | None:
             stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
         digest.update(f"{path.relative_to(root)}:{stamp}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def class_names(cfg, num_classes: int) -> list[str]:
+    """The ``num_classes`` class names of a dataset config (digits: 0..9; wds: classnames.txt;
+    folder: the class folders); the label numbers as text where they cannot be read."""
+    try:
+        if cfg.source == "digits":
+            names = [str(i) for i in range(10)]
+        elif cfg.source == "wds":
+            names = list(read_split(dataset_base(cfg), "train").classnames)
+        else:
+            names = folder_classes(Path(cfg.root).expanduser().resolve())
+    except (DatasetUnavailable, OSError, TypeError):
+        names = []
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def sample_keys(dataset: Dataset, split: str) -> list[str]:
+    """A name for each sample of a source, in order: an image folder's paths relative to its
+    root, a webdataset's ``<split>/<shard file>/<key>`` (its shards are read once more for the
+    keys), else ``<split>/<index>``."""
+    if isinstance(dataset, ImageFolderSource):
+        return dataset.keys()
+    if isinstance(dataset, WebDatasetSource):
+        shards = dataset.split_info.shards
+        keys = [f"{split}/{Path(shard).name}/{key}" for shard in shards
+                for key, _ in iter_samples(shard)]
+        return keys[dataset.start:dataset.stop]
+    return [f"{split}/{i}" for i in range(len(dataset))]

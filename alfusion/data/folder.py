@@ -3,6 +3,10 @@
 Classes are the sorted union of the class folders of all split folders, so a class missing
 from one split keeps its label in the other. Images are read in sorted order (class, then
 file name), decoded with PIL.
+
+The pseudo-split ``images`` (``PLAIN``) reads a folder without labels instead: every image
+under ``<root>`` (sub-folders included, hidden ones left out) in sorted order of its path,
+with label -1; task=predict uses it for new images.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from alfusion.data.wds import DatasetUnavailable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SPLITS = ("train", "test")
+PLAIN = "images"  # every image under the root, unlabeled (task=predict)
 
 
 def folder_classes(root: Path) -> list[str]:
@@ -49,13 +54,32 @@ def folder_images(root: Path, split: str) -> tuple[list[Path], list[int], list[s
     return paths, labels, classes
 
 
+def plain_images(root: Path) -> list[Path]:
+    """Every image file under ``root`` (sub-folders too, hidden ones not), sorted by path;
+    errors if the folder is missing or holds no image."""
+    if not root.is_dir():
+        raise DatasetUnavailable(f"dataset.root={root}: no such folder (a folder of images)")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and p.is_file() and not any(part.startswith(".")
+                                               for part in p.relative_to(root).parts))
+    if not paths:
+        raise DatasetUnavailable(f"image folder {root} is empty: no "
+                                 f"{'/'.join(sorted(IMAGE_SUFFIXES))} files in it")
+    return paths
+
+
 class ImageFolderSource(Dataset):
-    """(transformed image, label) pairs of one split of an image folder."""
+    """(transformed image, label) pairs of one split of an image folder; split ``PLAIN``:
+    (image, -1) for every image under the root, no classes."""
 
     def __init__(self, root: str | Path, split: str, transform=None,
                  limit: int | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
-        self.paths, self.labels, self.classnames = folder_images(self.root, split)
+        if split == PLAIN:
+            self.paths, self.classnames = plain_images(self.root), []
+            self.labels = [-1] * len(self.paths)
+        else:
+            self.paths, self.labels, self.classnames = folder_images(self.root, split)
         if limit is not None:
             self.paths, self.labels = self.paths[:limit], self.labels[:limit]
         self.transform = transform
@@ -66,6 +90,10 @@ class ImageFolderSource(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keys(self) -> list[str]:
+        """Each image's path relative to the root, in order."""
+        return [p.relative_to(self.root).as_posix() for p in self.paths]
 
     def __getitem__(self, i: int):
         path = self.paths[i]
