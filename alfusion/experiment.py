@@ -11,7 +11,7 @@ from omegaconf import OmegaConf, open_dict
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
 from alfusion.data.extract import load_or_extract
-from alfusion.distributed import is_global_zero
+from alfusion.distributed import is_global_zero, join_ranks, stop_ranks
 from alfusion.end2end.encoder import state_checksum
 from alfusion.end2end.run import build_encoder, image_inputs
 from alfusion.engine import TokenData
@@ -95,6 +95,7 @@ def run_train(cfg, run_dir: Path) -> dict:
         if not is_global_zero():
             status = "FINISHED"
             return {}
+        join_ranks()  # a rank that failed fails the run
         summary = write_results(cfg, state.run_dir, logger, result, inputs, num_classes)
         state.data["finished"] = True
         state.save()
@@ -109,6 +110,8 @@ def run_train(cfg, run_dir: Path) -> dict:
               f"command and resume=true (run folder {state.run_dir})", flush=True)
         raise
     finally:
+        if status != "FINISHED":
+            stop_ranks()  # else they wait in a collective for the process group's timeout
         tracking.finish(logger, status)
 
 

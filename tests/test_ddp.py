@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
+import pytest
 from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
 
+from alfusion import distributed
 from alfusion.data import build_dataset
 from alfusion.data.wds_writer import write_digits_wds
 from alfusion.distributed import RankSlice
@@ -64,3 +68,47 @@ def test_streamed_webdataset_splits_into_equal_disjoint_rank_windows(tmp_path):
     assert parts == [everything[0:13], everything[13:26], everything[26:39]]
     shuffled = list(RankSlice(source, 40, 1, 3, batch_size=4, shuffle_buffer=8))
     assert sorted(digest(i) for i in shuffled) == sorted(parts[1])
+
+
+# Cached mode: 60 digits, 10 steps; the grid (none: 1 configuration, quick: 3) and the refit
+# (a bank of one) split over 2 ranks, so a rank often has no probe of its own.
+CACHED_TINY = ["train.min_steps=10", "train.epochs=1"]
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.progress_bar=false"]
+
+
+@pytest.mark.parametrize("search", ["none", "quick"])
+def test_cached_ddp_through_the_cli_finishes_and_equals_one_process(tmp_path, search):
+    """The real CLI, 2 gloo processes, cached features: the run ends (no collective left
+    unmatched when a rank has no configuration), MLflow says FINISHED only at the end, and the
+    test metric is the single process's."""
+    cache = f"paths.cache={tmp_path}/cache"  # extracted once, by the single-process run
+    run_cli(*tiny_overrides(tmp_path / "one", *CACHED_TINY, f"search={search}", cache,
+            f"hydra.run.dir={tmp_path}/one/run"), timeout=240)
+    ddp = run_cli(*tiny_overrides(tmp_path / "ddp", *CACHED_TINY, f"search={search}", cache,
+                                  *DDP_CPU, f"hydra.run.dir={tmp_path}/ddp/run"), timeout=240)
+    assert "Traceback" not in ddp.stderr, ddp.stderr[-3000:]
+    one_res = json.loads((tmp_path / "one/run/results.json").read_text())
+    ddp_res = json.loads((tmp_path / "ddp/run/results.json").read_text())
+    assert ddp_res["fit"]["world"] == 2 and one_res["fit"]["world"] == 1
+    assert ddp_res["chosen"] == one_res["chosen"]
+    assert [row["bal_acc"] for row in ddp_res["grid"]] == [row["bal_acc"]
+                                                           for row in one_res["grid"]]
+    assert ddp_res["test"] == one_res["test"]
+    runs = mlflow_runs(tmp_path / "ddp")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 1 logged nothing
+    assert runs[0].data.metrics["test/bal_acc"] == one_res["test"]["bal_acc"]
+    assert "train/loss" in runs[0].data.metrics and "grid/loss" in runs[0].data.metrics
+
+
+def test_rank_zero_fails_when_a_rank_it_started_failed():
+    """join_ranks: rank 0's wait for the rank processes it started raises for one that
+    exited non-zero, and returns for ranks that finished."""
+    ok = subprocess.Popen([sys.executable, "-c", "pass"])
+    bad = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    distributed._started_ranks.extend([ok, bad])
+    with pytest.raises(RuntimeError, match=f"rank 2 \\(pid {bad.pid}\\): exit 3"):
+        distributed.join_ranks(timeout_s=60)
+    distributed._started_ranks.append(subprocess.Popen([sys.executable, "-c", "pass"]))
+    distributed.join_ranks(timeout_s=60)
+    assert distributed._started_ranks == []

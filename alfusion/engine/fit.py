@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from alfusion.distributed import adopt_ranks
 from alfusion.engine.module import (
     BankModule,
     StepCheckpoint,
@@ -123,7 +124,7 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
     callbacks = [interrupted]
     if checkpoints is not None and every:
         callbacks.append(StepCheckpoint(checkpoints, every))
-    trainer = make_trainer(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer = make_trainer(cfg.trainer, callbacks=callbacks)  # the module logs (tracker)
     world, rank = trainer.world_size, trainer.global_rank
     data_world = world if images else 1
     max_batch = cfg.end2end.batch_size if images else cfg.train.batch_size
@@ -153,7 +154,8 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
                         extra_lr_scale=cfg.mode.get("backbone_lr_scale", 1.0),
                         sync=images and world > 1)
 
-    module = BankModule(bank, make_step, encoder, data.parallel, resume_from, label)
+    module = BankModule(bank, make_step, encoder, data.parallel, resume_from, label,
+                        tracker=logger or None)
     audit = None
     if images and checkpoints is not None and cfg.end2end.get("record_samples"):
         audit = checkpoints.parent.parent / "samples" / f"{checkpoints.name}_rank{rank}.json"
@@ -165,10 +167,11 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
         if interrupted.seen:  # Lightning turns Ctrl-C into exit(1): say it was Ctrl-C
             raise KeyboardInterrupt from None
         raise
+    adopt_ranks(trainer)  # rank 0 waits for the ranks it started at the end of the run
     core = module.core
-    if len(core.configs) == len(configs):
+    if not module.split:
         return FitResult(core.bank, configs, core.failures(), core.losses.cpu(), plan, world)
-    return gather(core, module.share, configs, plan)
+    return gather(core, module.share, configs, plan)  # every rank, even with an empty share
 
 
 class Interrupted(Callback):

@@ -130,6 +130,9 @@ class BankStep:
         if self.step_count >= self.total_steps:
             raise RuntimeError(f"the schedule has {self.total_steps} steps; all are done")
         bank, G = self.bank, len(self.bank)
+        if G == 0:  # this rank's share of a split grid is empty: it only keeps step
+            self.step_count += 1
+            return torch.empty(0, device=bank.device)
         xb = xb.float()
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
