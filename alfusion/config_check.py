@@ -137,7 +137,26 @@ def check_config(cfg: DictConfig) -> DictConfig:
     sigma = select(cfg, "train.jitter_sigma")
     if sigma is not None and (not is_number(sigma) or not math.isfinite(sigma) or sigma < 0):
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
+    check_streaming(cfg)
     return cfg
+
+
+STREAM_SETTINGS = {"train.stream": ("auto", "memory", "disk"),
+                   "train.parallel": ("auto", "grid", "data")}
+
+
+def check_streaming(cfg: DictConfig) -> None:
+    """Cached features in memory or streamed (train.stream, its budget), and how DDP splits
+    the work (train.parallel)."""
+    for key, allowed in STREAM_SETTINGS.items():
+        value = select(cfg, key)
+        if value is not None and value not in allowed:
+            refuse(key, value, f"one of {', '.join(allowed)}")
+    budget = select(cfg, "train.stream_budget_gb")
+    if budget is not None and (not is_number(budget) or not math.isfinite(budget)
+                               or budget < 0):
+        refuse("train.stream_budget_gb", budget,
+               "null (half the device's free memory) or a number of GB >= 0")
 
 
 def check_mode(cfg: DictConfig) -> None:

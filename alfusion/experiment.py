@@ -15,6 +15,7 @@ from alfusion.distributed import is_global_zero, join_ranks, stop_ranks
 from alfusion.end2end.encoder import state_checksum
 from alfusion.end2end.run import build_encoder, image_inputs
 from alfusion.engine import TokenData
+from alfusion.engine.stream import StreamedTokens, in_memory_bytes, storage_for
 from alfusion.metrics import classification_metrics, num_classes_of
 from alfusion.probes import build_probe, build_token_set
 from alfusion.probes.bank import ProbeBank
@@ -32,15 +33,42 @@ def resolve_device(name: str) -> torch.device:
 def split_tokens(cfg, split: str, device: torch.device):
     """(tokens (N, T, D) or (N, F), labels (N,), token set, entry) of a cached split."""
     entry = load_or_extract(cfg, split, device)
+    data, token_set = cached_split(cfg, entry, "memory", device)
+    return data.x, data.y, token_set, entry
+
+
+def cached_split(cfg, entry, storage: str, device: torch.device):
+    """(TokenData on ``device`` (storage ``memory``) or StreamedTokens from the memory-mapped
+    entry (``disk``), token set) of a cached split."""
     if cfg.dataset.get("num_classes") is None and entry.meta.get("num_classes"):
         with open_dict(cfg):  # dataset=wds|folder: classnames.txt or the class folders decide
             cfg.dataset.num_classes = entry.meta["num_classes"]
     token_set = build_token_set(cfg.probe, num_layers=len(entry.dims))
+    if storage == "disk":
+        parallel = cfg.train.get("parallel", "auto")
+        return StreamedTokens.from_entry(entry, token_set, "data" if parallel in (
+            "auto", "data") else "grid"), token_set
     # fp16 onto the device first: selection, normalisation and fp32 happen there.
     names = ("cls", "ap", "tokens", "regions")
     arrays = {n: entry.tensor(n, device) for n in names if entry.has(n)}
     x = token_set.from_arrays(arrays, entry.dims)
-    return x, entry.tensor("labels", device).long(), token_set, entry
+    parallel = "data" if cfg.train.get("parallel", "auto") == "data" else "grid"
+    return TokenData(x, entry.tensor("labels", device).long(), parallel), token_set
+
+
+def cached_inputs(cfg, device: torch.device) -> tuple:
+    """(train, test, token set, entry, storage) of cached mode: in memory or streamed, as
+    ``train.stream`` and the memory the splits would take decide (printed)."""
+    entries = [load_or_extract(cfg, split, device) for split in ("train", "test")]
+    token_set = build_token_set(cfg.probe, num_layers=len(entries[0].dims))
+    storage, why = storage_for(cfg.train.get("stream", "auto"),
+                               sum(in_memory_bytes(e, token_set) for e in entries), device,
+                               cfg.train.get("stream_budget_gb"))
+    if is_global_zero():
+        where = "in memory" if storage == "memory" else "streamed from the memory-mapped cache"
+        print(f"[alfusion] cached features {where}: {why}", flush=True)
+    (train, token_set), (test, _) = (cached_split(cfg, e, storage, device) for e in entries)
+    return train, test, token_set, entries[0], storage
 
 
 def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
@@ -55,11 +83,11 @@ def train_inputs(cfg, device: torch.device) -> dict:
     TokenEncoder), token set, sizes, and the encoder when images are fed."""
     t0 = time.perf_counter()
     if cfg.mode.name == "cached":
-        x, y, token_set, entry = split_tokens(cfg, "train", device)
-        x_test, y_test, _, _ = split_tokens(cfg, "test", device)
-        num_tokens = x.shape[1] if x.dim() == 3 else token_set.num_tokens()
-        return dict(train=TokenData(x, y), test=TokenData(x_test, y_test), token_set=token_set,
-                    dims=entry.dims, num_tokens=num_tokens, encoder=None,
+        train, test, token_set, entry, storage = cached_inputs(cfg, device)
+        shape = train.sample_shape
+        num_tokens = shape[0] if len(shape) == 2 else token_set.num_tokens()
+        return dict(train=train, test=test, token_set=token_set, dims=entry.dims,
+                    num_tokens=num_tokens, encoder=None, storage=storage,
                     seconds=time.perf_counter() - t0)
     encoder, eval_tf = build_encoder(cfg)
     inputs = image_inputs(cfg, encoder, eval_tf, device)
@@ -85,6 +113,10 @@ def run_train(cfg, run_dir: Path) -> dict:
         elif resuming:
             tracking.set_tag(logger, "resumed_in", str(run_dir))
         inputs = train_inputs(cfg, device)
+        if "storage" in inputs:  # cached: in memory or streamed from disk
+            if not resuming:  # params are written once
+                tracking.log_params(logger, {"cached_features": inputs["storage"]})
+            tracking.set_tag(logger, "cached_features", inputs["storage"])
         train, test = inputs["train"], inputs["test"]
         num_classes = num_classes_of(cfg, train.labels, test.labels)
         make_probe = probe_factory(cfg, inputs["token_set"], inputs["dims"], num_classes,

@@ -51,7 +51,9 @@ class TokenData:
 
     x: torch.Tensor
     y: torch.Tensor
-    parallel = "grid"  # under DDP each rank trains its share of the probes on all the data
+    # Under DDP: grid (each rank trains its share of the probes on all the data) or data
+    # (each rank takes its share of every batch).
+    parallel: str = "grid"
     encoder = None
 
     @property
@@ -70,10 +72,10 @@ class TokenData:
         if len(idx) == len(self.y):
             return self
         idx_t = torch.as_tensor(idx, device=self.y.device)
-        return TokenData(self.x[idx_t], self.y[idx_t])
+        return TokenData(self.x[idx_t], self.y[idx_t], self.parallel)
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
-              pin_memory: bool = False, audit: Path | None = None):
+              pin_memory: bool = False, audit: Path | None = None, device=None):
         return TensorSteps(self.x, self.y, plan, seed, start)
 
     @torch.no_grad()
@@ -117,7 +119,7 @@ class ImageData:
                          self.sample_shape)
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
-              pin_memory: bool = False, audit: Path | None = None):
+              pin_memory: bool = False, audit: Path | None = None, device=None):
         """This rank's loader of plan.batch // world images per step; ``audit``: a file for
         the samples this rank trains on in the first epoch (a record for checks)."""
         loader, part = train_loader(self.train, plan.batch, rank, world, seed,
