@@ -45,6 +45,12 @@ class TensorSteps:
             yield self.x[idx], self.y[idx]
 
 
+def write_audit(path: Path, rank: int, world: int, batch: int, indices: list[int]) -> None:
+    """Record the samples a rank trains on in the first epoch of a fit (checks, tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(rank=rank, world=world, batch=batch, indices=indices)))
+
+
 @dataclass
 class TokenData:
     """Cached tokens x (N, T, D) or (N, F) and labels y (N,), on the training device."""
@@ -127,9 +133,7 @@ class ImageData:
                                     start_step=start, pin_memory=pin_memory,
                                     shuffle_buffer=self.settings.shuffle_buffer)
         if audit is not None:
-            audit.parent.mkdir(parents=True, exist_ok=True)
-            audit.write_text(json.dumps(dict(rank=rank, world=world, batch=plan.batch,
-                                             indices=part.indices())))
+            write_audit(audit, rank, world, plan.batch, part.indices())
         return loader
 
     @torch.no_grad()

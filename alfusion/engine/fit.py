@@ -154,12 +154,13 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
                         chunk=chunk,
                         extra=list(encoder.backbone.parameters()) if trainable else (),
                         extra_lr_scale=cfg.mode.get("backbone_lr_scale", 1.0),
-                        sync=data_parallel and world > 1)
+                        sync=data_parallel and world > 1,
+                        part=(rank, world) if data_parallel else (0, 1))
 
     module = BankModule(bank, make_step, encoder, data.parallel, resume_from, label,
                         tracker=logger or None)
     audit = None
-    if images and checkpoints is not None and cfg.end2end.get("record_samples"):
+    if data_parallel and checkpoints is not None and cfg.end2end.get("record_samples"):
         audit = checkpoints.parent.parent / "samples" / f"{checkpoints.name}_rank{rank}.json"
     device = trainer.strategy.root_device
     loader = data.steps(plan, cfg.seed, start, data_world, rank,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from alfusion.distributed import RankSampler, StepBatches
+from alfusion.engine.data import write_audit
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan
 from alfusion.tokens import TokenSet
@@ -184,6 +185,8 @@ class StreamedTokens:
         device = torch.device(device or "cpu")
         sampler = RankSampler(len(self), rank, world, shuffle=True, seed=seed)
         batches = StepBatches(sampler, plan.batch // world, plan.steps, start)
+        if audit is not None:
+            write_audit(audit, rank, world, plan.batch, batches.indices())
         made = Prefetched(batches, lambda pos: self._batch(pos, device))
         return _Mapped(made, self._ready)
 
