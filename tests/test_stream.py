@@ -111,3 +111,19 @@ def test_cli_streams_when_told_and_logs_it(tmp_path):
         assert run.data.params["cached_features"] == taken
     assert runs["disk"]["test"] == runs["auto"]["test"]
     assert runs["disk"]["grid"] == runs["auto"]["grid"]
+
+
+def test_data_parallel_ranks_share_out_every_batch(tmp_path):
+    """With world = 2 each rank's k-th batch is every other sample of the single process's
+    k-th batch, for the memory and the streamed data alike."""
+    cfg = compose_config("probe=alf", f"paths.root={tmp_path}")
+    entry = write_entry(tmp_path, "train", 40, 3)
+    plan = BatchPlan(batch=8, per_epoch=5, epochs=2)
+    for storage in ("memory", "disk"):
+        data, _ = cached_split(cfg, entry, storage, torch.device("cpu"))
+        whole = list(data.steps(plan, 0, 0, 1, 0))
+        ranks = [list(data.steps(plan, 0, 0, 2, r)) for r in (0, 1)]
+        assert len(whole) == len(ranks[0]) == len(ranks[1]) == 10
+        for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks, strict=True):
+            assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
+            assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)

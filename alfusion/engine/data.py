@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from alfusion.distributed import RankSampler, StepBatches
 from alfusion.end2end.images import eval_loader, train_loader
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan, epoch_permutation
@@ -43,6 +44,21 @@ class TensorSteps:
                 epoch, order = e, epoch_permutation(n, self.seed, e).to(self.y.device)
             idx = order[k * b:(k + 1) * b]
             yield self.x[idx], self.y[idx]
+
+
+class RankSteps:
+    """Batches (x[idx], y[idx]) of a StepBatches' index lists (a data-parallel rank's share)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batches: StepBatches) -> None:
+        self.x, self.y, self.batches = x, y, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx in self.batches:
+            i = torch.as_tensor(idx, device=self.y.device)
+            yield self.x[i], self.y[i]
 
 
 def write_audit(path: Path, rank: int, world: int, batch: int, indices: list[int]) -> None:
@@ -82,7 +98,15 @@ class TokenData:
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
               pin_memory: bool = False, audit: Path | None = None, device=None):
-        return TensorSteps(self.x, self.y, plan, seed, start)
+        """The fit's batches; with ``world`` > 1 (data-parallel) this rank's every world-th
+        sample of each (distributed.RankSampler)."""
+        if world == 1:
+            return TensorSteps(self.x, self.y, plan, seed, start)
+        batches = StepBatches(RankSampler(len(self), rank, world, seed=seed),
+                              plan.batch // world, plan.steps, start)
+        if audit is not None:
+            write_audit(audit, rank, world, plan.batch, batches.indices())
+        return RankSteps(self.x, self.y, batches)
 
     @torch.no_grad()
     def logits(self, bank: ProbeBank, batch_size: int = 4096) -> tuple[torch.Tensor,
