@@ -152,6 +152,10 @@ def check_streaming(cfg: DictConfig) -> None:
         value = select(cfg, key)
         if value is not None and value not in allowed:
             refuse(key, value, f"one of {', '.join(allowed)}")
+    limit = select(cfg, "extract.max_cache_gb")
+    if limit is not None and (not is_number(limit) or not math.isfinite(limit) or limit <= 0):
+        refuse("extract.max_cache_gb", limit,
+               "null (as much as the disk of paths.cache holds) or a number of GB > 0")
     budget = select(cfg, "train.stream_budget_gb")
     if budget is not None and (not is_number(budget) or not math.isfinite(budget)
                                or budget < 0):
