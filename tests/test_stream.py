@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
 
 from alfusion.data.cache import EntryWriter, FeatureCache
 from alfusion.engine import StreamedTokens, TensorSteps, TokenData
-from alfusion.engine.stream import in_memory_bytes, storage_for
+from alfusion.engine.stream import Prefetched, in_memory_bytes, storage_for
 from alfusion.experiment import cached_split, probe_factory
 from alfusion.protocol import BatchPlan
 from alfusion.resume import RunState
@@ -127,3 +128,14 @@ def test_data_parallel_ranks_share_out_every_batch(tmp_path):
         for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks, strict=True):
             assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
             assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+
+
+def test_prefetch_hands_on_errors_and_stops_with_its_consumer():
+    made = []
+    batches = iter(Prefetched(range(100), lambda i: made.append(i) or i, depth=2))
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    batches.close()  # the fit stopped early
+    assert len(made) <= 3 + 2 + 1  # at most the queue and the one in hand beyond what was used
+    assert not [t for t in threading.enumerate() if t.name == "alfusion-prefetch"]
+    with pytest.raises(ZeroDivisionError):
+        list(Prefetched(range(5), lambda i: 1 // (i - 2)))

@@ -51,21 +51,24 @@ class Prefetched:
         stop = threading.Event()
         done = object()
 
+        def put(out) -> bool:
+            """Hand ``out`` over unless the consumer has gone (then False)."""
+            while not stop.is_set():
+                try:
+                    items.put(out, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for item in self.source:
-                    out = self.make(item)
-                    while not stop.is_set():
-                        try:
-                            items.put(out, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(self.make(item)):
                         return
-                items.put(done)
+                put(done)
             except BaseException as err:  # handed to the consumer
-                items.put(err)
+                put(err)
 
         thread = threading.Thread(target=produce, daemon=True, name="alfusion-prefetch")
         thread.start()
@@ -157,7 +160,9 @@ class StreamedTokens:
         rows = self.rows[pos]
         if device.type != "cuda":
             return self.tokens(rows, device), self.y[torch.from_numpy(pos)]
-        stream = self._side_streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        stream = self._side_streams[device]
         with torch.cuda.stream(stream):
             x = self.tokens(rows, device, pin=True)
             y = self.y[torch.from_numpy(pos)].pin_memory().to(device, non_blocking=True)
