@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
             tracking.set_tag(logger, f"backbone_sha256_{when}", value)
     save_probe(run_dir / "probe.pt", probe, cfg, summary, inputs["dims"],
                encoder.backbone if encoder is not None and encoder.trainable else None)
-    x_test = inputs["test"].x if isinstance(inputs["test"], TokenData) else None
+    x_test = analysis_tokens(inputs["test"], resolve_device(cfg.device))
     summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
                                                x_test, summary, resolve_device(cfg.device))
     tracking.log_summary(logger, run_dir, summary, {
@@ -182,6 +183,24 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
         run_dir / "per_class_recall.json",
         dict(val=result.val.get("per_class_recall"), test=result.test["per_class_recall"])))
     return summary
+
+
+ANALYSIS_TOKENS_MAX_BYTES = 2 * 10**9
+
+
+def analysis_tokens(test, device: torch.device) -> torch.Tensor | None:
+    """The test tokens (N, T, D) the attention analyses read: cached ones in memory, streamed
+    ones read whole when they take at most 2 GB (else None: the analyses are skipped, said)."""
+    if isinstance(test, TokenData):
+        return test.x
+    if not isinstance(test, StreamedTokens):
+        return None
+    size = 4 * len(test) * math.prod(test.sample_shape)
+    if size <= ANALYSIS_TOKENS_MAX_BYTES:
+        return test.tokens(test.rows, device)
+    print(f"[alfusion] the test tokens take {size / 1e9:.3g} GB in memory: the attention "
+          "analyses of this streamed run are skipped", flush=True)
+    return None
 
 
 def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: list[int],

@@ -112,6 +112,8 @@ def test_cli_streams_when_told_and_logs_it(tmp_path):
         assert run.data.params["cached_features"] == taken
     assert runs["disk"]["test"] == runs["auto"]["test"]
     assert runs["disk"]["grid"] == runs["auto"]["grid"]
+    assert runs["disk"]["analysis"] == runs["auto"]["analysis"]  # attention of the test split
+    assert "attention_layer_mass" in runs["disk"]["analysis"]
 
 
 def test_data_parallel_ranks_share_out_every_batch(tmp_path):

@@ -46,6 +46,14 @@ class TensorSteps:
             yield self.x[idx], self.y[idx]
 
 
+def scoring_rows(bank: ProbeBank) -> int:
+    """Samples per scoring batch: 4,096 on a GPU; on the CPU 4,096 / G (at least 256), so that
+    the activations of scoring a grid stay those of one probe on 4,096 samples."""
+    if bank.device.type == "cuda":
+        return 4096
+    return max(256, 4096 // max(len(bank), 1))
+
+
 class RankSteps:
     """Batches (x[idx], y[idx]) of a StepBatches' index lists (a data-parallel rank's share)."""
 
@@ -109,9 +117,10 @@ class TokenData:
         return RankSteps(self.x, self.y, batches)
 
     @torch.no_grad()
-    def logits(self, bank: ProbeBank, batch_size: int = 4096) -> tuple[torch.Tensor,
-                                                                       torch.Tensor]:
-        """(eval logits (G, N, C) on the host, labels (N,))."""
+    def logits(self, bank: ProbeBank, batch_size: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eval logits (G, N, C) on the host, labels (N,)), ``scoring_rows`` at a time."""
+        batch_size = batch_size or scoring_rows(bank)
         out = [bank.logits(self.x[i:i + batch_size].float()).cpu()
                for i in range(0, len(self.x), batch_size)]
         return torch.cat(out, dim=1), self.y.cpu()

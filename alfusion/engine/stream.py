@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from alfusion.distributed import RankSampler, StepBatches
-from alfusion.engine.data import write_audit
+from alfusion.engine.data import scoring_rows, write_audit
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan
 from alfusion.tokens import TokenSet
@@ -196,9 +196,10 @@ class StreamedTokens:
         return _Mapped(made, self._ready)
 
     @torch.no_grad()
-    def logits(self, bank: ProbeBank, batch_size: int = 4096) -> tuple[torch.Tensor,
-                                                                       torch.Tensor]:
+    def logits(self, bank: ProbeBank, batch_size: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eval logits (G, N, C) on the host, labels (N,)), in TokenData's batches."""
+        batch_size = batch_size or scoring_rows(bank)
         starts = range(0, len(self), batch_size)
         made = Prefetched(starts, lambda i: self._batch(range(i, min(i + batch_size,
                                                                       len(self))), bank.device))
