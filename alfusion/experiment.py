@@ -54,7 +54,7 @@ def cached_split(cfg, entry, storage: str, device: torch.device):
     arrays = {n: entry.tensor(n, device) for n in names if entry.has(n)}
     x = token_set.from_arrays(arrays, entry.dims)
     parallel = "data" if cfg.train.get("parallel", "auto") == "data" else "grid"
-    return TokenData(x, entry.tensor("labels", device).long(), parallel), token_set
+    return TokenData(x, entry.tensor("labels", device).long(), parallel=parallel), token_set
 
 
 def cached_inputs(cfg, device: torch.device) -> tuple:

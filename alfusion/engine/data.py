@@ -83,7 +83,7 @@ class TokenData:
     y: torch.Tensor
     # Under DDP: grid (each rank trains its share of the probes on all the data) or data
     # (each rank takes its share of every batch).
-    parallel: str = "grid"
+    parallel: str = field(default="grid", kw_only=True)
     encoder = None
 
     @property
@@ -102,7 +102,7 @@ class TokenData:
         if len(idx) == len(self.y):
             return self
         idx_t = torch.as_tensor(idx, device=self.y.device)
-        return TokenData(self.x[idx_t], self.y[idx_t], self.parallel)
+        return TokenData(self.x[idx_t], self.y[idx_t], parallel=self.parallel)
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
               pin_memory: bool = False, audit: Path | None = None, device=None):
