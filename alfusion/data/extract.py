@@ -271,8 +271,8 @@ def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet,
                                 layout["tokens_per_layer"] if layout else 0)
     counts = {split: rows}
     for other in splits_to_extract(cfg):
-        if other not in counts and FeatureCache(cfg.paths.cache).load(
-                feature_fingerprint(cfg, other)) is None:
+        if other not in counts and not FeatureCache(cfg.paths.cache).paths(
+                feature_fingerprint(cfg, other))[0].exists():  # (not verified: only counted)
             counts[other] = len_or_none(build_dataset(cfg.dataset, other))
     known = {s: n for s, n in counts.items() if n is not None}
     if not known:
