@@ -176,6 +176,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
     check_jitter(cfg)
     check_probe(cfg)
+    check_streaming(cfg)
     return cfg
 
 
@@ -295,6 +296,28 @@ def check_predict(cfg: DictConfig) -> None:
         refuse("dataset.root", None, "task=predict needs the folder of images: "
                "dataset=folder dataset.root=DIR")
     check_int(cfg, "predict.top_k", 1)
+
+
+STREAM_SETTINGS = {"train.stream": ("auto", "memory", "disk"),
+                   "train.parallel": ("auto", "grid", "data")}
+
+
+def check_streaming(cfg: DictConfig) -> None:
+    """Cached features in memory or streamed (train.stream, its budget), and how DDP splits
+    the work (train.parallel)."""
+    for key, allowed in STREAM_SETTINGS.items():
+        value = select(cfg, key)
+        if value is not None and value not in allowed:
+            refuse(key, value, f"one of {', '.join(allowed)}")
+    limit = select(cfg, "extract.max_cache_gb")
+    if limit is not None and (not is_number(limit) or not math.isfinite(limit) or limit <= 0):
+        refuse("extract.max_cache_gb", limit,
+               "null (as much as the disk of paths.cache holds) or a number of GB > 0")
+    budget = select(cfg, "train.stream_budget_gb")
+    if budget is not None and (not is_number(budget) or not math.isfinite(budget)
+                               or budget < 0):
+        refuse("train.stream_budget_gb", budget,
+               "null (half the device's free memory) or a number of GB >= 0")
 
 
 def check_mode(cfg: DictConfig) -> None:

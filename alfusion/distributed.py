@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +32,54 @@ def is_global_zero() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in RANK_VARS)
+
+
+# The rank processes this process started (Lightning's launcher, at the first DDP fit of a run):
+# rank 0 waits for them at the end of the run, so that a rank that failed fails the command.
+_started_ranks: list[subprocess.Popen] = []
+
+
+def adopt_ranks(trainer) -> None:
+    """Remember the rank processes ``trainer``'s launcher started (none on ranks > 0, none
+    when ranks are started externally: SLURM, torchrun)."""
+    for proc in getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or ():
+        if proc not in _started_ranks:
+            _started_ranks.append(proc)
+
+
+def join_ranks(timeout_s: float = 600) -> None:
+    """Wait for the rank processes this process started; raise if any failed (or outlived
+    ``timeout_s`` after this rank's work was done, when it is ended)."""
+    failed = []
+    for local_rank, proc in enumerate(_started_ranks, start=1):
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = f"still running {timeout_s:.0f} s after rank 0 finished; ended"
+        if code != 0:
+            failed.append(f"rank {local_rank} (pid {proc.pid}): exit {code}")
+    _started_ranks.clear()
+    if failed:
+        raise RuntimeError(f"DDP: {'; '.join(failed)}; its error is printed above")
+
+
+def stop_ranks() -> None:
+    """End the rank processes this process started (it failed: they would wait in a
+    collective until the process group's timeout)."""
+    for proc in _started_ranks:
+        if proc.poll() is None:
+            proc.kill()
+    _started_ranks.clear()
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (one all-reduce; the flag itself without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 class RankSampler(Sampler[int]):

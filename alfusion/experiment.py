@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from alfusion.analysis import hooks as analysis
 from alfusion.config_check import ConfigError, MissingFile
 from alfusion.data import class_names
 from alfusion.data.extract import load_or_extract
-from alfusion.distributed import is_global_zero
+from alfusion.distributed import is_global_zero, join_ranks, stop_ranks
 from alfusion.end2end.encoder import state_checksum
 from alfusion.end2end.run import build_encoder, image_inputs
 from alfusion.engine import TokenData
+from alfusion.engine.stream import StreamedTokens, in_memory_bytes, storage_for
 from alfusion.metrics import classification_metrics, num_classes_of
 from alfusion.probes import build_probe, build_token_set
 from alfusion.probes.bank import ProbeBank
@@ -34,15 +36,42 @@ def resolve_device(name: str) -> torch.device:
 def split_tokens(cfg, split: str, device: torch.device):
     """(tokens (N, T, D) or (N, F), labels (N,), token set, entry) of a cached split."""
     entry = load_or_extract(cfg, split, device)
+    data, token_set = cached_split(cfg, entry, "memory", device)
+    return data.x, data.y, token_set, entry
+
+
+def cached_split(cfg, entry, storage: str, device: torch.device):
+    """(TokenData on ``device`` (storage ``memory``) or StreamedTokens from the memory-mapped
+    entry (``disk``), token set) of a cached split."""
     if cfg.dataset.get("num_classes") is None and entry.meta.get("num_classes"):
         with open_dict(cfg):  # dataset=wds|folder: classnames.txt or the class folders decide
             cfg.dataset.num_classes = entry.meta["num_classes"]
     token_set = build_token_set(cfg.probe, num_layers=len(entry.dims))
+    if storage == "disk":
+        parallel = cfg.train.get("parallel", "auto")
+        return StreamedTokens.from_entry(entry, token_set, "data" if parallel in (
+            "auto", "data") else "grid"), token_set
     # fp16 onto the device first: selection, normalisation and fp32 happen there.
     names = ("cls", "ap", "tokens", "regions")
     arrays = {n: entry.tensor(n, device) for n in names if entry.has(n)}
     x = token_set.from_arrays(arrays, entry.dims)
-    return x, entry.tensor("labels", device).long(), token_set, entry
+    parallel = "data" if cfg.train.get("parallel", "auto") == "data" else "grid"
+    return TokenData(x, entry.tensor("labels", device).long(), parallel=parallel), token_set
+
+
+def cached_inputs(cfg, device: torch.device) -> tuple:
+    """(train, test, token set, entry, storage) of cached mode: in memory or streamed, as
+    ``train.stream`` and the memory the splits would take decide (printed)."""
+    entries = [load_or_extract(cfg, split, device) for split in ("train", "test")]
+    token_set = build_token_set(cfg.probe, num_layers=len(entries[0].dims))
+    storage, why = storage_for(cfg.train.get("stream", "auto"),
+                               sum(in_memory_bytes(e, token_set) for e in entries), device,
+                               cfg.train.get("stream_budget_gb"))
+    if is_global_zero():
+        where = "in memory" if storage == "memory" else "streamed from the memory-mapped cache"
+        print(f"[alfusion] cached features {where}: {why}", flush=True)
+    (train, token_set), (test, _) = (cached_split(cfg, e, storage, device) for e in entries)
+    return train, test, token_set, entries[0], storage
 
 
 def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
@@ -57,11 +86,11 @@ def train_inputs(cfg, device: torch.device) -> dict:
     TokenEncoder), token set, sizes, and the encoder when images are fed."""
     t0 = time.perf_counter()
     if cfg.mode.name == "cached":
-        x, y, token_set, entry = split_tokens(cfg, "train", device)
-        x_test, y_test, _, _ = split_tokens(cfg, "test", device)
-        num_tokens = x.shape[1] if x.dim() == 3 else token_set.num_tokens()
-        return dict(train=TokenData(x, y), test=TokenData(x_test, y_test), token_set=token_set,
-                    dims=entry.dims, num_tokens=num_tokens, encoder=None,
+        train, test, token_set, entry, storage = cached_inputs(cfg, device)
+        shape = train.sample_shape
+        num_tokens = shape[0] if len(shape) == 2 else token_set.num_tokens()
+        return dict(train=train, test=test, token_set=token_set, dims=entry.dims,
+                    num_tokens=num_tokens, encoder=None, storage=storage,
                     seconds=time.perf_counter() - t0)
     encoder, eval_tf = build_encoder(cfg)
     inputs = image_inputs(cfg, encoder, eval_tf, device)
@@ -87,6 +116,10 @@ def run_train(cfg, run_dir: Path) -> dict:
         elif resuming:
             tracking.set_tag(logger, "resumed_in", str(run_dir))
         inputs = train_inputs(cfg, device)
+        if "storage" in inputs:  # cached: in memory or streamed from disk
+            if not resuming:  # params are written once
+                tracking.log_params(logger, {"cached_features": inputs["storage"]})
+            tracking.set_tag(logger, "cached_features", inputs["storage"])
         train, test = inputs["train"], inputs["test"]
         num_classes = num_classes_of(cfg, train.labels, test.labels)
         make_probe = probe_factory(cfg, inputs["token_set"], inputs["dims"], num_classes,
@@ -97,6 +130,7 @@ def run_train(cfg, run_dir: Path) -> dict:
         if not is_global_zero():
             status = "FINISHED"
             return {}
+        join_ranks()  # a rank that failed fails the run
         summary = write_results(cfg, state.run_dir, logger, result, inputs, num_classes)
         state.data["finished"] = True
         state.save()
@@ -111,6 +145,8 @@ def run_train(cfg, run_dir: Path) -> dict:
               f"command and resume=true (run folder {state.run_dir})", flush=True)
         raise
     finally:
+        if status != "FINISHED":
+            stop_ranks()  # else they wait in a collective for the process group's timeout
         tracking.finish(logger, status)
 
 
@@ -139,7 +175,7 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
     save_probe(run_dir / "probe.pt", probe, cfg, summary, inputs["dims"],
                encoder.backbone if encoder is not None and encoder.trainable else None)
     tracking.log_artifact(logger, run_dir / "probe.pt")  # probe_path=runs:/<run id>/probe.pt
-    x_test = inputs["test"].x if isinstance(inputs["test"], TokenData) else None
+    x_test = analysis_tokens(inputs["test"], resolve_device(cfg.device))
     summary["analysis"] = analysis.analyse_run(cfg, run_dir, logger, probe, token_set,
                                                x_test, summary, resolve_device(cfg.device))
     tracking.log_summary(logger, run_dir, summary, {
@@ -150,6 +186,24 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
         run_dir / "per_class_recall.json",
         dict(val=result.val.get("per_class_recall"), test=result.test["per_class_recall"])))
     return summary
+
+
+ANALYSIS_TOKENS_MAX_BYTES = 2 * 10**9
+
+
+def analysis_tokens(test, device: torch.device) -> torch.Tensor | None:
+    """The test tokens (N, T, D) the attention analyses read: cached ones in memory, streamed
+    ones read whole when they take at most 2 GB (else None: the analyses are skipped, said)."""
+    if isinstance(test, TokenData):
+        return test.x
+    if not isinstance(test, StreamedTokens):
+        return None
+    size = 4 * len(test) * math.prod(test.sample_shape)
+    if size <= ANALYSIS_TOKENS_MAX_BYTES:
+        return test.tokens(test.rows, device)
+    print(f"[alfusion] the test tokens take {size / 1e9:.3g} GB in memory: the attention "
+          "analyses of this streamed run are skipped", flush=True)
+    return None
 
 
 def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: list[int],

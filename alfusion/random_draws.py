@@ -39,20 +39,29 @@ class ProbeStream:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def jitter(self, x: torch.Tensor, p: float, sigma: float, mode: str = "per_sample",
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, part: tuple[int, int] = (0, 1)
+               ) -> torch.Tensor:
         """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p
         (``per_batch``: on the whole batch with probability p; ``off``: none), written into
         ``out`` (B, ...) when given.
 
-        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5."""
+        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5.
+        ``part`` (rank, world): x holds rows rank, rank + world, ... of a global batch of
+        world x B rows (a data-parallel rank's share); the global batch's draws are made and
+        this rank's rows kept, so the ranks together jitter as one process would."""
         if p <= 0 or sigma <= 0 or mode == "off":
             return x if out is None else out.copy_(x)
         gen = self.generator
-        coins = 1 if mode == "per_batch" else x.shape[0]
+        rank, world = part
+        n = x.shape[0] * world
+        coins = 1 if mode == "per_batch" else n
         chosen = torch.rand(coins, generator=gen, device=x.device) < p
-        rows = (chosen.expand(x.shape[0]) if mode == "per_batch" else chosen).nonzero()[:, 0]
+        rows = (chosen.expand(n) if mode == "per_batch" else chosen).nonzero()[:, 0]
         noise = torch.randn((rows.numel(), *x.shape[1:]), generator=gen, device=x.device,
                             dtype=x.dtype)
+        if world > 1:
+            mine = rows % world == rank
+            rows, noise = rows[mine] // world, noise[mine]
         out = x.clone() if out is None else out.copy_(x)
         return out.index_add_(0, rows, noise, alpha=sigma)
 

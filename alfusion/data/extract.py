@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -194,10 +195,8 @@ def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> Cach
     dataset = build_dataset(cfg.dataset, split)
     backbone, transform = build_backbone(cfg.backbone)
     token_set = build_token_set(cfg.probe, len(backbone.dims))
-    layout = None
-    if token_set.is_spatial:
-        layout = token_layout(backbone, transform)
-        check_cache_budget(cfg, split, len_or_none(dataset), token_set, layout, backbone)
+    layout = token_layout(backbone, transform) if token_set.is_spatial else None
+    check_cache_budget(cfg, split, len_or_none(dataset), token_set, layout, backbone)
     dataset = with_transform(dataset, transform)
     rank, world = distributed_rank()
     device = torch.device(device)
@@ -225,7 +224,8 @@ def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> Cach
 
 
 class CacheTooLarge(RuntimeError):
-    """The cache entries a run would extract exceed ``extract.max_cache_gb``."""
+    """The cache entries a run would extract exceed the free disk space of ``paths.cache`` or
+    ``extract.max_cache_gb``."""
 
 
 def len_or_none(dataset) -> int | None:
@@ -261,35 +261,69 @@ def bytes_per_image(token_set: TokenSet, num_layers: int, width: int,
     return 2 * vectors * width + 8
 
 
-def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet, layout: dict,
-                       backbone) -> None:
-    """Refuse, before anything is written, a run whose entries (every split it extracts) would
-    exceed ``extract.max_cache_gb``; say by how much and what to do instead."""
-    budget = cfg.extract.get("max_cache_gb")
-    if budget is None:
-        return
+def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet,
+                       layout: dict | None, backbone) -> None:
+    """Refuse, before anything is written, a run whose entries (every split it extracts)
+    would not fit on the disk of ``paths.cache`` (with room to assemble the largest split:
+    its chunks and its arrays exist side by side for a moment) or would exceed
+    ``extract.max_cache_gb`` (null: the disk decides); say by how much and what to do
+    instead. Prints the size and the free space it checked."""
     per_image = bytes_per_image(token_set, len(backbone.dims), backbone.width,
-                                layout["tokens_per_layer"])
+                                layout["tokens_per_layer"] if layout else 0)
     counts = {split: rows}
     for other in splits_to_extract(cfg):
-        if other not in counts and FeatureCache(cfg.paths.cache).load(
-                feature_fingerprint(cfg, other)) is None:
+        if other not in counts and not FeatureCache(cfg.paths.cache).paths(
+                feature_fingerprint(cfg, other))[0].exists():  # (not verified: only counted)
             counts[other] = len_or_none(build_dataset(cfg.dataset, other))
     known = {s: n for s, n in counts.items() if n is not None}
+    if not known:
+        return  # streamed splits of unknown length: the chunk writes check the disk
     total = per_image * sum(known.values())
-    if total <= budget * 1e9:
-        return
-    what = (f"all tokens of layers {list(token_set.layers)} "
-            f"({layout['tokens_per_layer']} per layer)" if token_set.token_layers
-            else f"{token_set.regions}x{token_set.regions} regions of {len(backbone.dims)} layers")
+    needed = total + per_image * max(known.values())
+    free = shutil.disk_usage(existing_parent(Path(cfg.paths.cache))).free
     images = " + ".join(f"{n} {s}" for s, n in known.items())
-    raise CacheTooLarge(
-        f"probe.tokens={token_set.tokens} would cache {total / 1e9:.3g} GB ({images} images x "
-        f"{per_image / 1e3:.3g} kB: {what}, D={backbone.width}, fp16), over the budget "
-        f"extract.max_cache_gb={budget}. Alternatives: mode=end2end (no cache: tokens are "
-        "computed in each step), fewer layers (probe.layers=last or middle_last), region "
-        "tokens (probe.tokens=cls+ap+regions probe.regions=2: k*k tokens per layer), or raise "
-        "extract.max_cache_gb.")
+    size = f"{total / 1e9:.3g} GB ({images} images x {per_image / 1e3:.3g} kB: " \
+        f"{cache_contents(token_set, layout, backbone)}, D={backbone.width}, fp16)"
+    budget = cfg.extract.get("max_cache_gb")
+    print(f"[alfusion] cache: {split} and the splits beside it take {size}; the disk of "
+          f"paths.cache={cfg.paths.cache} has {free / 1e9:.3g} GB free"
+          + (f", extract.max_cache_gb={budget}" if budget is not None else ""), flush=True)
+    if needed > free:
+        raise CacheTooLarge(
+            f"probe.tokens={token_set.tokens} would cache {size}, and assembling the largest "
+            f"split needs {needed / 1e9:.3g} GB at once; the disk of paths.cache="
+            f"{cfg.paths.cache} has {free / 1e9:.3g} GB free. Free disk space there or point "
+            f"paths.cache at a larger disk; {ALTERNATIVES}")
+    if budget is not None and total > budget * 1e9:
+        raise CacheTooLarge(
+            f"probe.tokens={token_set.tokens} would cache {size}, over the budget "
+            f"extract.max_cache_gb={budget}. Raise it (null: as much as the disk of "
+            f"paths.cache holds; training streams caches larger than memory), or: "
+            f"{ALTERNATIVES}")
+
+
+ALTERNATIVES = ("alternatives: mode=end2end (no cache: tokens are computed in each step), fewer "
+                "layers (probe.layers=last or middle_last), region tokens (probe.tokens="
+                "cls+ap+regions probe.regions=2: k*k tokens per layer)")
+
+
+def cache_contents(token_set: TokenSet, layout: dict | None, backbone) -> str:
+    """What an entry of ``token_set`` holds per image, in words."""
+    L = len(backbone.dims)
+    if token_set.token_layers:
+        return (f"all tokens of layers {list(token_set.layers)} "
+                f"({layout['tokens_per_layer']} per layer) and CLS/AP of {L} layers")
+    if token_set.has_regions:
+        return (f"{token_set.regions}x{token_set.regions} regions and CLS/AP of {L} layers")
+    return f"CLS/AP of {L} layers"
+
+
+def existing_parent(path: Path) -> Path:
+    """``path`` or its nearest existing parent (the cache folder may not exist yet)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def splits_to_extract(cfg) -> list[str]:

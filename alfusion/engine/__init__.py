@@ -4,6 +4,7 @@ from alfusion.engine.data import ImageData, TensorSteps, TokenData
 from alfusion.engine.fit import FitResult, fit_bank
 from alfusion.engine.module import BankModule
 from alfusion.engine.step import BankStep
+from alfusion.engine.stream import StreamedTokens
 
-__all__ = ["BankModule", "BankStep", "FitResult", "ImageData", "TensorSteps", "TokenData",
-           "fit_bank"]
+__all__ = ["BankModule", "BankStep", "FitResult", "ImageData", "StreamedTokens", "TensorSteps",
+           "TokenData", "fit_bank"]

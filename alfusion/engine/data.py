@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from alfusion.distributed import RankSampler, StepBatches
 from alfusion.end2end.images import eval_loader, train_loader
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan, epoch_permutation
@@ -45,13 +46,44 @@ class TensorSteps:
             yield self.x[idx], self.y[idx]
 
 
+def scoring_rows(bank: ProbeBank) -> int:
+    """Samples per scoring batch: 4,096 on a GPU; on the CPU 4,096 / G (at least 256), so that
+    the activations of scoring a grid stay those of one probe on 4,096 samples."""
+    if bank.device.type == "cuda":
+        return 4096
+    return max(256, 4096 // max(len(bank), 1))
+
+
+class RankSteps:
+    """Batches (x[idx], y[idx]) of a StepBatches' index lists (a data-parallel rank's share)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batches: StepBatches) -> None:
+        self.x, self.y, self.batches = x, y, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx in self.batches:
+            i = torch.as_tensor(idx, device=self.y.device)
+            yield self.x[i], self.y[i]
+
+
+def write_audit(path: Path, rank: int, world: int, batch: int, indices: list[int]) -> None:
+    """Record the samples a rank trains on in the first epoch of a fit (checks, tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(rank=rank, world=world, batch=batch, indices=indices)))
+
+
 @dataclass
 class TokenData:
     """Cached tokens x (N, T, D) or (N, F) and labels y (N,), on the training device."""
 
     x: torch.Tensor
     y: torch.Tensor
-    parallel = "grid"  # under DDP each rank trains its share of the probes on all the data
+    # Under DDP: grid (each rank trains its share of the probes on all the data) or data
+    # (each rank takes its share of every batch).
+    parallel: str = field(default="grid", kw_only=True)
     encoder = None
 
     @property
@@ -70,16 +102,25 @@ class TokenData:
         if len(idx) == len(self.y):
             return self
         idx_t = torch.as_tensor(idx, device=self.y.device)
-        return TokenData(self.x[idx_t], self.y[idx_t])
+        return TokenData(self.x[idx_t], self.y[idx_t], parallel=self.parallel)
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
-              pin_memory: bool = False, audit: Path | None = None):
-        return TensorSteps(self.x, self.y, plan, seed, start)
+              pin_memory: bool = False, audit: Path | None = None, device=None):
+        """The fit's batches; with ``world`` > 1 (data-parallel) this rank's every world-th
+        sample of each (distributed.RankSampler)."""
+        if world == 1:
+            return TensorSteps(self.x, self.y, plan, seed, start)
+        batches = StepBatches(RankSampler(len(self), rank, world, seed=seed),
+                              plan.batch // world, plan.steps, start)
+        if audit is not None:
+            write_audit(audit, rank, world, plan.batch, batches.indices())
+        return RankSteps(self.x, self.y, batches)
 
     @torch.no_grad()
-    def logits(self, bank: ProbeBank, batch_size: int = 4096) -> tuple[torch.Tensor,
-                                                                       torch.Tensor]:
-        """(eval logits (G, N, C) on the host, labels (N,))."""
+    def logits(self, bank: ProbeBank, batch_size: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eval logits (G, N, C) on the host, labels (N,)), ``scoring_rows`` at a time."""
+        batch_size = batch_size or scoring_rows(bank)
         out = [bank.logits(self.x[i:i + batch_size].float()).cpu()
                for i in range(0, len(self.x), batch_size)]
         return torch.cat(out, dim=1), self.y.cpu()
@@ -117,7 +158,7 @@ class ImageData:
                          self.sample_shape)
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
-              pin_memory: bool = False, audit: Path | None = None):
+              pin_memory: bool = False, audit: Path | None = None, device=None):
         """This rank's loader of plan.batch // world images per step; ``audit``: a file for
         the samples this rank trains on in the first epoch (a record for checks)."""
         loader, part = train_loader(self.train, plan.batch, rank, world, seed,
@@ -125,9 +166,7 @@ class ImageData:
                                     start_step=start, pin_memory=pin_memory,
                                     shuffle_buffer=self.settings.shuffle_buffer)
         if audit is not None:
-            audit.parent.mkdir(parents=True, exist_ok=True)
-            audit.write_text(json.dumps(dict(rank=rank, world=world, batch=plan.batch,
-                                             indices=part.indices())))
+            write_audit(audit, rank, world, plan.batch, part.indices())
         return loader
 
     @torch.no_grad()

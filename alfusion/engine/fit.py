@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from alfusion.distributed import adopt_ranks
 from alfusion.engine.module import (
     BankModule,
     StepCheckpoint,
@@ -107,7 +108,8 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
              num_classes: int, cfg, *, checkpoints: Path | None = None, resume: bool = False,
              logger=False, label: str = "train", trainable: bool = False,
              positions: Sequence[int] | None = None) -> FitResult:
-    """Train every configuration on ``data`` (TokenData or ImageData) as one bank.
+    """Train every configuration on ``data`` (TokenData, StreamedTokens or ImageData) as one
+    bank.
 
     ``checkpoints``: a folder for this fit's checkpoints (every ``train.checkpoint_every``
     steps); with ``resume`` the fit continues from the checkpoint there. ``trainable``: the
@@ -117,15 +119,16 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
     """
     configs = list(configs)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    images = data.parallel == "data"
+    images = data.encoder is not None  # end to end: images through the encoder
+    data_parallel = data.parallel == "data"  # each rank reads its share of every batch
     every = cfg.train.get("checkpoint_every") or 0
     interrupted = Interrupted()
     callbacks = [interrupted]
     if checkpoints is not None and every:
         callbacks.append(StepCheckpoint(checkpoints, every))
-    trainer = make_trainer(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer = make_trainer(cfg.trainer, callbacks=callbacks)  # the module logs (tracker)
     world, rank = trainer.world_size, trainer.global_rank
-    data_world = world if images else 1
+    data_world = world if data_parallel else 1
     max_batch = cfg.end2end.batch_size if images else cfg.train.batch_size
     plan = batch_plan(len(data), max_batch, cfg.train.min_batches, cfg.train.epochs,
                       cfg.train.min_steps, data_world)
@@ -151,24 +154,28 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
                         chunk=chunk,
                         extra=list(encoder.backbone.parameters()) if trainable else (),
                         extra_lr_scale=cfg.mode.get("backbone_lr_scale", 1.0),
-                        sync=images and world > 1)
+                        sync=data_parallel and world > 1,
+                        part=(rank, world) if data_parallel else (0, 1))
 
-    module = BankModule(bank, make_step, encoder, data.parallel, resume_from, label)
+    module = BankModule(bank, make_step, encoder, data.parallel, resume_from, label,
+                        tracker=logger or None)
     audit = None
-    if images and checkpoints is not None and cfg.end2end.get("record_samples"):
+    if data_parallel and checkpoints is not None and cfg.end2end.get("record_samples"):
         audit = checkpoints.parent.parent / "samples" / f"{checkpoints.name}_rank{rank}.json"
+    device = trainer.strategy.root_device
     loader = data.steps(plan, cfg.seed, start, data_world, rank,
-                        pin_memory=trainer.strategy.root_device.type == "cuda", audit=audit)
+                        pin_memory=device.type == "cuda", audit=audit, device=device)
     try:
         trainer.fit(module, train_dataloaders=loader)
     except SystemExit:
         if interrupted.seen:  # Lightning turns Ctrl-C into exit(1): say it was Ctrl-C
             raise KeyboardInterrupt from None
         raise
+    adopt_ranks(trainer)  # rank 0 waits for the ranks it started at the end of the run
     core = module.core
-    if len(core.configs) == len(configs):
+    if not module.split:
         return FitResult(core.bank, configs, core.failures(), core.losses.cpu(), plan, world)
-    return gather(core, module.share, configs, plan)
+    return gather(core, module.share, configs, plan)  # every rank, even with an empty share
 
 
 class Interrupted(Callback):

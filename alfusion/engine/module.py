@@ -9,7 +9,12 @@ feed every probe of the bank.
 Parallelism: ``grid`` (cached features) gives each rank its share of the probes and all the
 data; ``data`` (images) gives each rank its share of every batch and sums gradients over ranks.
 Either way nothing wraps the module in DistributedDataParallel (``BankDDPStrategy``): probes
-of different configurations never average their gradients.
+of different configurations never average their gradients. A rank whose share of the grid is
+empty (fewer configurations than ranks: a refit is a bank of one) takes its steps with nothing
+to train: Lightning syncs every training batch over ranks, so every rank takes every step.
+
+The MLflow logger is the module's ``tracker``, not the Trainer's: a Trainer marks its logger's
+run FINISHED at the end of each fit, and a run holds several fits.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
 from alfusion.checkpoints import save_checkpoint
+from alfusion.distributed import all_ranks_agree
 from alfusion.engine.progress import progress_callback
 from alfusion.engine.step import BankStep
 from alfusion.probes.bank import ProbeBank
@@ -63,19 +69,22 @@ class BankModule(L.LightningModule):
     """Trains ``bank`` with the BankStep that ``make_step(bank, share)`` builds once the
     device and the rank are known (``share``: the slice of the configurations this rank
     trains). ``resume_from``: a checkpoint folder to continue from when it holds this rank's
-    file. ``label``: the metric prefix (grid | train)."""
+    file. ``label``: the metric prefix (grid | train). ``tracker``: the MLflow logger (rank
+    0) that receives the training curve, or None."""
 
     def __init__(self, bank: ProbeBank, make_step: Callable[[ProbeBank, slice], BankStep],
                  encoder: torch.nn.Module | None = None, parallel: str = "grid",
-                 resume_from: Path | None = None, label: str = "train", log_every: int = 25
-                 ) -> None:
+                 resume_from: Path | None = None, label: str = "train", log_every: int = 25,
+                 tracker=None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.encoder = encoder
         self.bank, self.make_step, self.parallel = bank, make_step, parallel
         self.resume_from, self.label, self.log_every = resume_from, label, log_every
+        self.tracker = tracker
         self.core: BankStep | None = None
         self.share = slice(0, len(bank))
+        self.split = False  # the grid is split over ranks: gather the parts after the fit
 
     def configure_optimizers(self):
         return None  # the BankStep is the optimiser
@@ -85,6 +94,7 @@ class BankModule(L.LightningModule):
         world, rank = world_and_rank()
         bank = self.bank
         if self.parallel == "grid" and world > 1:
+            self.split = True
             self.share = grid_slice(len(bank), world, rank)
             bank = bank.part(self.share.start, self.share.stop)
         self.core = self.make_step(bank.to(self.device), self.share)
@@ -105,13 +115,16 @@ class BankModule(L.LightningModule):
         finite = losses[torch.isfinite(losses)]
         mean = float(finite.mean()) if finite.numel() else float("nan")
         self.log("loss", mean, prog_bar=True, logger=False)
-        if self.logger is not None:
+        if self.tracker is not None:
             metrics = {f"{self.label}/loss": mean}
             if len(losses) > 1:
                 metrics[f"{self.label}/loss_min"] = float(finite.min()) if finite.numel() \
                     else float("nan")
-            self.logger.log_metrics(metrics, step=s)
-        if self.core.all_failed():  # nothing left to train
+            self.tracker.log_metrics(metrics, step=s)
+        # Nothing left to train; a split grid stops only when every rank's share has failed
+        # (ranks reach this line at the same steps: one all-reduce).
+        failed = self.core.all_failed()
+        if all_ranks_agree(failed, self.device) if self.split else failed:
             self.trainer.should_stop = True
 
     def checkpoint(self) -> dict:

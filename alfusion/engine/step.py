@@ -15,7 +15,9 @@ own draws (G inputs and LayerNorms per step).
 the probe's AdamW at ``extra_lr_scale`` x its lr and clipped together with it. ``sync``: the
 global batch is split over the ranks of the process group (end-to-end DDP): BatchNorm
 statistics, the loss normaliser and the gradients are summed over ranks, so every rank takes
-the step one process would take on the whole batch.
+the step one process would take on the whole batch. ``part`` (rank, world) names the rank's
+share (rows rank, rank + world, ... of the global batch): jitter and dropout are drawn for the
+global batch and the rank's rows kept, so the draws too are those of one process.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class BankStep:
                  jitter_sigma: float = 0.05, jitter: str = "per_sample",
                  jitter_draws: str = "shared", chunk: int | None = None,
                  extra: Sequence[torch.nn.Parameter] = (), extra_lr_scale: float = 1.0,
-                 sync: bool = False) -> None:
+                 sync: bool = False, part: tuple[int, int] = (0, 1)) -> None:
         if jitter_draws not in JITTER_DRAWS:
             raise ValueError(f"train.jitter_draws={jitter_draws!r}: use one of {JITTER_DRAWS}")
         if jitter not in JITTER_MODES:
@@ -68,7 +70,7 @@ class BankStep:
         self.jitter_p, self.jitter_sigma = jitter_p, jitter_sigma
         self.jitter, self.jitter_draws = jitter, jitter_draws
         self.chunk = chunk or len(bank)
-        self.sync = sync
+        self.sync, self.part = sync, part
         self.streams = [ProbeStream(probe_seed(seed, hp), device) for hp in self.configs]
         self.shared_stream = ProbeStream(probe_seed(seed, None), device)
         lrs = cosine_lrs([hp.lr for hp in self.configs], total_steps)
@@ -103,21 +105,23 @@ class BankStep:
             return self.bank.inputs(self._shared_x, g0, g1)
         p, sigma, mode = self.jitter_p, self.jitter_sigma, self.jitter
         if g1 - g0 == 1:  # one probe: its own draw, on the cheaper shared-input path
-            return self._normalised(self.streams[g0].jitter(xb, p, sigma, mode))
+            return self._normalised(self.streams[g0].jitter(xb, p, sigma, mode,
+                                                            part=self.part))
         out = torch.empty((g1 - g0, *xb.shape), dtype=xb.dtype, device=xb.device)
         for i, g in enumerate(range(g0, g1)):
-            self.streams[g].jitter(xb, p, sigma, mode, out=out[i])
+            self.streams[g].jitter(xb, p, sigma, mode, out=out[i], part=self.part)
         return self._normalised(out)
 
     def _dropout(self, batch: int, num_tokens: int, g0: int, g1: int) -> torch.Tensor | None:
         if self.bank.kind != "attentive" or not any(self.bank.dropouts[g0:g1]):
             return None
-        shape = (batch, self.bank.spec.heads, num_tokens)
-        drop = torch.ones((g1 - g0, *shape), device=self.bank.device)
+        rank, world = self.part
+        shape = (batch * world, self.bank.spec.heads, num_tokens)  # the global batch's masks
+        drop = torch.ones((g1 - g0, batch, *shape[1:]), device=self.bank.device)
         for i, g in enumerate(range(g0, g1)):
             mask = self.streams[g].dropout(shape, self.bank.dropouts[g], self.bank.device)
             if mask is not None:
-                drop[i] = mask
+                drop[i] = mask[rank::world]
         return drop
 
     # -------------------------------------------------------------------------- the step
@@ -130,11 +134,15 @@ class BankStep:
         if self.step_count >= self.total_steps:
             raise RuntimeError(f"the schedule has {self.total_steps} steps; all are done")
         bank, G = self.bank, len(self.bank)
+        if G == 0:  # this rank's share of a split grid is empty: it only keeps step
+            self.step_count += 1
+            return torch.empty(0, device=bank.device)
         xb = xb.float()
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
         self._shared_x = self._normalised(self.shared_stream.jitter(
-            xb, self.jitter_p, self.jitter_sigma, self.jitter)) if shared else None
+            xb, self.jitter_p, self.jitter_sigma, self.jitter, part=self.part)) \
+            if shared else None
         total_weight = None
         if self.sync:  # the weighted mean over the global batch
             total_weight = self.weights[yb].sum()
