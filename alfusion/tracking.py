@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Param
 from omegaconf import OmegaConf
 
-from alfusion.config_check import ConfigError
+from alfusion.config_check import ConfigError, MissingFile
 
 MAX_PARAM_LENGTH = 500
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -360,13 +360,13 @@ def download_artifact(uri: str, tracking_uri: str | None, dst: Path, key: str,
     from mlflow.exceptions import MlflowException
 
     if not tracking_uri:
-        raise ValueError(f"{key}={uri} is read through MLflow, which needs a tracking URI: use "
+        raise ConfigError(f"{key}={uri} is read through MLflow, which needs a tracking URI: use "
                          "logger=mlflow with logger.tracking_uri=<the store of that run>")
     check_server(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         store = Path(tracking_uri.removeprefix("sqlite:///"))
         if not store.is_file():  # MLflow would create an empty store and then miss the run
-            raise FileNotFoundError(f"{key}={uri}: there is no MLflow store at {store} "
+            raise MissingFile(f"{key}={uri}: there is no MLflow store at {store} "
                                     f"(logger.tracking_uri={tracking_uri}); set "
                                     "logger.tracking_uri to the store the run logged to")
     dst.mkdir(parents=True, exist_ok=True)
@@ -374,7 +374,7 @@ def download_artifact(uri: str, tracking_uri: str | None, dst: Path, key: str,
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
                                                         tracking_uri=tracking_uri))
     except MlflowException as err:
-        raise FileNotFoundError(f"{key}={uri} cannot be downloaded from the MLflow store at "
+        raise MissingFile(f"{key}={uri} cannot be downloaded from the MLflow store at "
                                 f"{tracking_uri}: {err.message} ({err.error_code}). Check the "
                                 f"run id and the artifact's path (the run's Artifacts tab "
                                 f"lists them), and logger.tracking_uri; {fix}") from err
