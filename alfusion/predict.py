@@ -45,10 +45,11 @@ def prediction_split(cfg) -> str:
 
 
 def predict_config(cfg, saved_cfg):
-    """The probe's config with the command's dataset and its settings for reading images."""
+    """The probe's config with the command's task, dataset and its settings for reading
+    images."""
     out = saved_cfg.copy()
     with open_dict(out):
-        for key in ("dataset", "paths", "extract", "end2end"):
+        for key in ("task", "dataset", "paths", "extract", "end2end"):
             out[key] = cfg[key]
     return out
 

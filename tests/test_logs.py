@@ -35,7 +35,8 @@ def test_cli_without_a_terminal_writes_a_few_lines_and_the_summary(tmp_path):
     assert len(proc.stdout) + len(proc.stderr) < 8000, (len(proc.stdout), len(proc.stderr))
     assert "\r" not in proc.stdout
     lines = proc.stdout.splitlines()
-    assert re.fullmatch(r"\[alfusion\] fit grid \(3 configurations\): \d+ steps", lines[0])
+    fits = [line for line in lines if line.startswith("[alfusion] fit ")]
+    assert re.fullmatch(r"\[alfusion\] fit grid \(3 configurations\): \d+ steps", fits[0])
     assert any(line.startswith("[alfusion] fit train (1 configuration): done at step 200/200")
                for line in lines), proc.stdout
     assert any("| alf | test balanced accuracy" in line for line in lines), proc.stdout

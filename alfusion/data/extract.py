@@ -327,9 +327,12 @@ def existing_parent(path: Path) -> Path:
 
 
 def splits_to_extract(cfg) -> list[str]:
-    """The splits a command extracts: extract.splits for task=extract, else train and test."""
+    """The splits a command extracts: extract.splits for task=extract, the images it labels
+    for task=predict, else train and test."""
     if cfg.get("task") == "extract":
         return list(cfg.extract.splits)
+    if cfg.get("task") == "predict":
+        return []  # only the split being extracted: a folder to label has no train or test
     return ["train", "test"]
 
 
