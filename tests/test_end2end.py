@@ -58,8 +58,10 @@ def test_end2end_alf_and_finetune_through_the_cli(tmp_path):
 def test_cached_and_end2end_searches_select_alike(tmp_path, one_thread):
     """The same frozen backbone, grid (search=quick), seed, batches and per-sample jitter
     draws: the search on the cached (fp16) tokens and the search with the backbone inside the
-    step score every configuration alike up to the cache's rounding, and pick the same one."""
-    cfg = compose_config(*tiny_overrides(tmp_path, "search=quick", "search.lr=[0.1,0.0001]",
+    step score every configuration alike up to the cache's rounding, and pick the same one.
+    (lr 0.1 is left out: on this random 4-block ViT it trains chaotically, so the cache's fp16
+    rounding grows into a different model within 40 steps.)"""
+    cfg = compose_config(*tiny_overrides(tmp_path, "search=quick", "search.lr=[0.01,0.0001]",
                                          "train.min_steps=40", "end2end.jitter=per_sample",
                                          "end2end.num_workers=0", "train.batch_size=256",
                                          "end2end.batch_size=256", "train.checkpoint_every=0"))
@@ -72,7 +74,7 @@ def test_cached_and_end2end_searches_select_alike(tmp_path, one_thread):
     for mode, train, test in [("cached", TokenData(x, y), TokenData(x_test, y_test)),
                               ("end2end", None, None)]:
         run_cfg = compose_config(*tiny_overrides(tmp_path, f"mode={mode}", "search=quick",
-                                                 "search.lr=[0.1,0.0001]", "train.min_steps=40",
+                                                 "search.lr=[0.01,0.0001]", "train.min_steps=40",
                                                  "end2end.jitter=per_sample",
                                                  "end2end.num_workers=0", "train.batch_size=256",
                                                  "end2end.batch_size=256",
