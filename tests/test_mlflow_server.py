@@ -4,15 +4,7 @@ folder is gone, ``task=evaluate probe_path=runs:/<run id>/probe.pt`` reproduces 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -21,48 +13,11 @@ from conftest import compose_config, run_cli, tiny_overrides
 from alfusion.experiment import probe_file
 from alfusion.tracking import TrackingServerUnreachable
 
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The URI of an ``mlflow server`` on 127.0.0.1 (SQLite store, artifacts folder under a
-    temporary folder); stopped, with its child processes, at the end."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    uri = f"http://127.0.0.1:{free_port()}"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(folder / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [MLFLOW, "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--artifacts-destination", str(folder / "artifacts")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start:\n"
-                                       + (folder / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.2)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+def server(mlflow_server) -> str:
+    """The URI of the module's ``mlflow server`` on 127.0.0.1 (tests/conftest.py)."""
+    return mlflow_server[0]
 
 
 def test_a_probe_logged_to_a_server_evaluates_from_its_run_uri(server, tmp_path):

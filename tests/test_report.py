@@ -5,14 +5,9 @@ missing. Plus the table arithmetic and the paper's numbers on hand-made records.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import run_cli, tiny_overrides
@@ -21,53 +16,6 @@ from PIL import Image
 from alfusion.analysis.paper_results import paper_value
 from alfusion.analysis.runs import RunRecord
 from alfusion.analysis.table import build_cells, summarize
-
-MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on 127.0.0.1 with a SQLite store and a served artifact folder in a
-    temporary directory; stopped by its process group at the end."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    # the server's job runner (GenAI jobs, seven worker processes) has nothing to do here
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n"
-                                   + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield url, root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
