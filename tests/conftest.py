@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hubs, tiny settings, the real CLI in a subprocess, an MLflow server."""
+"""Shared test set-up: offline hubs, tiny settings, the real CLI, a real MLflow server."""
 
 from __future__ import annotations
 
