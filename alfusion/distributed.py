@@ -208,3 +208,12 @@ class RankSlice(IterableDataset):
                 yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
         while buffer:
             yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``device=auto``: this process's GPU (a DDP rank's own, by LOCAL_RANK), else the CPU."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)

@@ -3,79 +3,27 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf, open_dict
 
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
-from alfusion.config_check import ConfigError, MissingFile
-from alfusion.data import class_names
-from alfusion.data.extract import load_or_extract
-from alfusion.distributed import is_global_zero, join_ranks, stop_ranks
+from alfusion.data.extract import dataset_digest, load_or_extract
+from alfusion.distributed import is_global_zero, join_ranks, resolve_device, stop_ranks
 from alfusion.end2end.encoder import state_checksum
 from alfusion.end2end.run import build_encoder, image_inputs
 from alfusion.engine import TokenData
-from alfusion.engine.stream import StreamedTokens, in_memory_bytes, storage_for
+from alfusion.engine.stream import StreamedTokens
+from alfusion.features import cached_inputs, split_tokens
 from alfusion.metrics import classification_metrics, num_classes_of
-from alfusion.probes import build_probe, build_token_set
-from alfusion.probes.bank import ProbeBank
+from alfusion.predict import run_predict
+from alfusion.probe_files import load_probe, refuse_overrides, save_probe, saved_probe
+from alfusion.probes import build_probe
 from alfusion.protocol import HParams
-from alfusion.resume import load_tensors, open_run_state
+from alfusion.resume import open_run_state
 from alfusion.search import expand_grid, run_search
-
-
-def resolve_device(name: str) -> torch.device:
-    """``device=auto``: this process's GPU (a DDP rank's own, by LOCAL_RANK), else the CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def split_tokens(cfg, split: str, device: torch.device):
-    """(tokens (N, T, D) or (N, F), labels (N,), token set, entry) of a cached split."""
-    entry = load_or_extract(cfg, split, device)
-    data, token_set = cached_split(cfg, entry, "memory", device)
-    return data.x, data.y, token_set, entry
-
-
-def cached_split(cfg, entry, storage: str, device: torch.device):
-    """(TokenData on ``device`` (storage ``memory``) or StreamedTokens from the memory-mapped
-    entry (``disk``), token set) of a cached split."""
-    if cfg.dataset.get("num_classes") is None and entry.meta.get("num_classes"):
-        with open_dict(cfg):  # dataset=wds|folder: classnames.txt or the class folders decide
-            cfg.dataset.num_classes = entry.meta["num_classes"]
-    token_set = build_token_set(cfg.probe, num_layers=len(entry.dims))
-    if storage == "disk":
-        parallel = cfg.train.get("parallel", "auto")
-        return StreamedTokens.from_entry(entry, token_set, "data" if parallel in (
-            "auto", "data") else "grid"), token_set
-    # fp16 onto the device first: selection, normalisation and fp32 happen there.
-    names = ("cls", "ap", "tokens", "regions")
-    arrays = {n: entry.tensor(n, device) for n in names if entry.has(n)}
-    x = token_set.from_arrays(arrays, entry.dims)
-    parallel = "data" if cfg.train.get("parallel", "auto") == "data" else "grid"
-    return TokenData(x, entry.tensor("labels", device).long(), parallel=parallel), token_set
-
-
-def cached_inputs(cfg, device: torch.device) -> tuple:
-    """(train, test, token set, entry, storage) of cached mode: in memory or streamed, as
-    ``train.stream`` and the memory the splits would take decide (printed)."""
-    entries = [load_or_extract(cfg, split, device) for split in ("train", "test")]
-    token_set = build_token_set(cfg.probe, num_layers=len(entries[0].dims))
-    storage, why = storage_for(cfg.train.get("stream", "auto"),
-                               sum(in_memory_bytes(e, token_set) for e in entries), device,
-                               cfg.train.get("stream_budget_gb"))
-    if is_global_zero():
-        where = "in memory" if storage == "memory" else "streamed from the memory-mapped cache"
-        print(f"[alfusion] cached features {where}: {why}", flush=True)
-    (train, token_set), (test, _) = (cached_split(cfg, e, storage, device) for e in entries)
-    return train, test, token_set, entries[0], storage
 
 
 def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
@@ -114,7 +62,8 @@ def run_train(cfg, run_dir: Path) -> dict:
         if logger is not None and not resuming:
             state.data["mlflow_run_id"] = logger.run_id
             state.save()
-            tracking.log_config(logger, cfg, state.run_dir)
+            tracking.log_config(logger, cfg, state.run_dir, {
+                split: dataset_digest(cfg, split) for split in ("train", "test")})
             if state.orphan_run_id:  # the killed run this folder held before
                 tracking.mark_killed(logger, state.orphan_run_id)
         elif resuming:
@@ -210,87 +159,6 @@ def analysis_tokens(test, device: torch.device) -> torch.Tensor | None:
     return None
 
 
-def save_probe(path: Path, probe: torch.nn.Module, cfg, summary: dict, dims: list[int],
-               backbone: torch.nn.Module | None = None) -> None:
-    """probe.pt: tensors and plain containers only (it loads with weights_only=True): the
-    probe's state dict, the resolved config, sizes, the chosen configuration, the class names
-    (task=predict), and the fine-tuned backbone's state dict when the backbone was trained."""
-    data = dict(state_dict=probe.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
-                dims=list(dims), num_classes=summary["num_classes"],
-                num_tokens=summary["num_tokens"], chosen=summary["chosen"], mode=summary["mode"],
-                class_names=class_names(cfg.dataset, summary["num_classes"]),
-                mlflow_run_id=summary["mlflow_run_id"])
-    if backbone is not None:
-        data["backbone_state_dict"] = backbone.state_dict()
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
-
-
-EVALUATE_FIX = ("pass probe_path=<run folder>/probe.pt of a finished alfusion run, or "
-                "probe_path=runs:/<MLflow run id>/probe.pt")
-
-
-def refuse_overrides(task: str = "evaluate") -> None:
-    """task=evaluate (and predict) use the backbone, probe and mode the probe was trained
-    with, evaluate also its dataset: such a choice on the command line would be ignored, so it
-    is refused."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    keys = ("backbone", "probe", "mode") + (("dataset",) if task == "evaluate" else ())
-    given = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in keys]
-    if given:
-        also = "" if task == "predict" else (" (to evaluate on another dataset, train a probe "
-                                             "for it, or use task=predict)")
-        raise ConfigError(f"task={task} uses the probe's own {', '.join(keys)} (from its "
-                         f"probe.pt); remove {' '.join(given)}{also}")
-
-
-def probe_file(cfg, run_dir: Path) -> Path:
-    """The local probe.pt that ``probe_path`` names: a path, or a URI MLflow resolves
-    (``runs:/<run_id>/probe.pt``, or just ``runs:/<run_id>``), downloaded through the run's
-    tracking store (``logger.tracking_uri``) into ``<run_dir>/downloaded/``."""
-    if not cfg.get("probe_path"):
-        raise ConfigError(f"task={cfg.task} needs probe_path: {EVALUATE_FIX}")
-    location = str(cfg.probe_path)
-    if location.startswith("runs:/") and "/" not in location.removeprefix("runs:/").strip("/"):
-        location = location.rstrip("/") + "/probe.pt"  # runs:/<run id>: that run's probe
-    if tracking.is_artifact_uri(location):
-        path = tracking.download_artifact(location, OmegaConf.select(cfg, "logger.tracking_uri"),
-                                          run_dir / "downloaded", "probe_path", EVALUATE_FIX)
-        if path.is_dir():  # the URI named the run's artifact folder
-            path = path / "probe.pt"
-    else:
-        path = Path(location).expanduser()
-    if not path.is_file():
-        raise MissingFile(f"probe_path={location}: no such file; {EVALUATE_FIX}")
-    return path
-
-
-def load_probe(cfg, run_dir: Path) -> tuple[Path, dict, object]:
-    """(probe.pt's local path, its saved data, its config with the command's ``paths``) for
-    ``probe_path``; it is read as tensors and plain containers, nothing in it is executed."""
-    path = probe_file(cfg, run_dir)
-    saved = load_tensors(path, "probe_path", EVALUATE_FIX)
-    if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
-        raise ConfigError(f"probe_path={cfg.probe_path} is not an alfusion probe.pt: "
-                         f"{EVALUATE_FIX}")
-    saved_cfg = OmegaConf.create(saved["config"])
-    saved_cfg.paths = cfg.paths
-    return path, saved, saved_cfg
-
-
-def saved_probe(saved: dict, saved_cfg, token_set, device: torch.device) -> ProbeBank:
-    """The saved probe, rebuilt for ``token_set`` with its trained weights: a bank of one."""
-    hp = HParams(**saved["chosen"])
-    probe = build_probe(saved_cfg.probe, token_set, saved["dims"], saved["num_classes"],
-                        saved["num_tokens"], attn_drop=hp.dropout)
-    probe.load_state_dict(saved["state_dict"])
-    return ProbeBank.from_probes([probe.to(device)])
-
-
 def run_evaluate(cfg, run_dir: Path) -> dict:
     """Score a saved probe (``probe_path=``: a file or an MLflow URI) on its test split,
     without training, with the backbone it was trained with (a fine-tuned one included) and
@@ -326,13 +194,6 @@ def run_extract(cfg, run_dir: Path) -> dict:
         out[split] = dict(path=str(entry.path), rows=len(entry))
         print(f"[alfusion] {split}: {len(entry)} rows in {entry.path}")
     return out
-
-
-def run_predict(cfg, run_dir: Path) -> dict:
-    """task=predict: alfusion/predict.py (imported here late: it builds on this module)."""
-    from alfusion.predict import run_predict as predict
-
-    return predict(cfg, run_dir)
 
 
 TASKS = {"train": run_train, "extract": run_extract, "evaluate": run_evaluate,

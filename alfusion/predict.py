@@ -26,16 +26,12 @@ from omegaconf import OmegaConf, open_dict
 from alfusion import tracking
 from alfusion.data import build_dataset, class_names, sample_keys, with_transform
 from alfusion.data.folder import PLAIN
+from alfusion.distributed import resolve_device
 from alfusion.end2end.images import labels_of
 from alfusion.end2end.run import build_encoder
 from alfusion.engine import ImageData, TokenData
-from alfusion.experiment import (
-    load_probe,
-    refuse_overrides,
-    resolve_device,
-    saved_probe,
-    split_tokens,
-)
+from alfusion.features import split_tokens
+from alfusion.probe_files import load_probe, refuse_overrides, saved_probe
 
 
 def prediction_split(cfg) -> str:

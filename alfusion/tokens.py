@@ -151,6 +151,13 @@ class TokenSet:
         return sum(self.token_widths(dims, num_patch_tokens))
 
 
+def build_token_set(probe_cfg, num_layers: int) -> TokenSet:
+    """The TokenSet of a ``conf/probe`` config for a backbone of ``num_layers`` layers."""
+    layers = resolve_layers(probe_cfg.layers, num_layers)
+    return TokenSet(tuple(layers), probe_cfg.tokens, flat=probe_cfg.kind == "linear",
+                    regions=probe_cfg.get("regions"))
+
+
 def backbone_arrays(backbone, images: torch.Tensor, token_set: TokenSet
                     ) -> dict[str, torch.Tensor]:
     """One forward of a TappedBackbone -> the arrays ``token_set`` reads, named as in the cache.

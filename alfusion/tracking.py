@@ -147,15 +147,17 @@ def flat_params(cfg) -> dict[str, str]:
     return out
 
 
-def log_config(logger: MLFlowLogger | None, cfg, run_dir: Path) -> None:
+def log_config(logger: MLFlowLogger | None, cfg, run_dir: Path, digests: dict[str, str]
+               ) -> None:
     """Flattened config as params, the whole resolved YAML as an artifact; the experiment
-    marked as model training and the run's data as dataset inputs (what the UI shows)."""
+    marked as model training and the run's data as dataset inputs (what the UI shows), each
+    split with its digest from ``digests`` ({split: digest})."""
     path = run_dir / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log_params(logger, flat_params(cfg))
     log_artifact(logger, path)
     mark_model_training(logger)
-    log_datasets(logger, cfg)
+    log_datasets(logger, cfg, digests)
 
 
 def mark_model_training(logger: MLFlowLogger | None) -> None:
@@ -189,18 +191,6 @@ def runs_view_url(tracking_uri: str, ui_url: str, experiment: str = "alfusion") 
             f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}")
 
 
-def dataset_digest(cfg, split: str) -> str:
-    """The split's digest: its feature-cache fingerprint in cached mode (the cache entry's
-    name), else (images end to end) a digest of the dataset settings and the split."""
-    from alfusion.data import dataset_identity
-    from alfusion.data.cache import fingerprint_hash
-    from alfusion.data.extract import feature_fingerprint
-
-    if cfg.mode.name == "cached":
-        return fingerprint_hash(feature_fingerprint(cfg, split))
-    return fingerprint_hash(dict(dataset=dataset_identity(cfg.dataset), split=split))
-
-
 def dataset_source(dataset_cfg):
     """Where the images come from, as an MLflow dataset source: a local folder or URL
     (MLflow resolves which), the Hugging Face copy, or the data bundled in a package."""
@@ -216,9 +206,9 @@ def dataset_source(dataset_cfg):
     return CodeDatasetSource({"dataset.source": str(dataset_cfg.source)})
 
 
-def log_datasets(logger: MLFlowLogger | None, cfg, splits=("train", "test")) -> None:
+def log_datasets(logger: MLFlowLogger | None, cfg, digests: dict[str, str]) -> None:
     """Each split the run reads as an MLflow dataset input: the dataset's name, the split as
-    its context (``mlflow.data.context``), ``dataset_digest`` as its digest."""
+    its context (``mlflow.data.context``), its digest from ``digests`` ({split: digest})."""
     if logger is None:
         return
     import warnings
@@ -231,8 +221,9 @@ def log_datasets(logger: MLFlowLogger | None, cfg, splits=("train", "test")) -> 
         warnings.simplefilter("ignore", UserWarning)
         source = dataset_source(cfg.dataset)
     inputs = [DatasetInput(MetaDataset(source, name=str(cfg.dataset.name),
-                                       digest=dataset_digest(cfg, split))._to_mlflow_entity(),
-                           [InputTag(MLFLOW_DATASET_CONTEXT, split)]) for split in splits]
+                                       digest=digest)._to_mlflow_entity(),
+                           [InputTag(MLFLOW_DATASET_CONTEXT, split)])
+              for split, digest in digests.items()]
     logger.experiment.log_inputs(logger.run_id, datasets=inputs)
 
 

@@ -11,7 +11,7 @@ from conftest import compose_config, tiny_overrides
 from alfusion.backbones import build_backbone
 from alfusion.data.cache import EntryWriter, FeatureCache
 from alfusion.data.extract import CacheTooLarge, check_cache_budget
-from alfusion.probes import build_token_set
+from alfusion.tokens import build_token_set
 
 CHUNK_ROWS, CHUNKS, WIDTH = 256, 24, 1024  # 24 chunks of 0.5 MB (fp16 cls), 12 MB in all
 

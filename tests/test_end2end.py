@@ -12,7 +12,8 @@ from alfusion.backbones import build_backbone
 from alfusion.end2end.encoder import state_checksum
 from alfusion.end2end.run import build_encoder, image_inputs
 from alfusion.engine import TokenData
-from alfusion.experiment import probe_factory, split_tokens
+from alfusion.experiment import probe_factory
+from alfusion.features import split_tokens
 from alfusion.resume import RunState
 from alfusion.search import expand_grid, run_search
 

@@ -20,9 +20,10 @@ from alfusion.end2end.encoder import TokenEncoder
 from alfusion.end2end.images import augment_transform
 from alfusion.engine import ImageData, fit_bank
 from alfusion.experiment import run_train
-from alfusion.probes import build_probe, build_token_set
+from alfusion.probes import build_probe
 from alfusion.protocol import HParams
 from alfusion.resume import ENV_RESUME_DIR, open_run_state
+from alfusion.tokens import build_token_set
 
 E2E = ["mode=end2end", "search.validate=false", "end2end.num_workers=0"]
 

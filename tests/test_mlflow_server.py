@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from conftest import compose_config, run_cli, tiny_overrides
 
-from alfusion.experiment import probe_file
+from alfusion.probe_files import probe_file
 from alfusion.tracking import TrackingServerUnreachable
 
 

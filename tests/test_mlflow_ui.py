@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from alfusion import tracking
 from alfusion.data.cache import fingerprint_hash
+from alfusion.data.extract import dataset_digest
 
 
 def test_a_run_marks_its_experiment_and_logs_its_data_as_dataset_inputs(tmp_path):
@@ -56,10 +57,10 @@ def test_a_kind_and_a_view_a_user_chose_are_kept(tmp_path):
 
 def test_end_to_end_digests_name_the_dataset_settings_and_split(tmp_path):
     cfg = compose_config("mode=end2end", "dataset.limit=60", f"paths.root={tmp_path}")
-    train, test = (tracking.dataset_digest(cfg, s) for s in ("train", "test"))
+    train, test = (dataset_digest(cfg, s) for s in ("train", "test"))
     assert train == fingerprint_hash(dict(dataset=dict(
         source="digits", name="digits", test_fraction=0.25, split_seed=0, limit=60),
         split="train"))
     assert test != train
     other = compose_config("mode=end2end", "dataset.limit=50", f"paths.root={tmp_path}")
-    assert tracking.dataset_digest(other, "train") != train
+    assert dataset_digest(other, "train") != train

@@ -16,8 +16,9 @@ from alfusion.data.digits import digits_split, render
 from alfusion.data.wds import DatasetUnavailable
 from alfusion.data.wds_writer import write_digits_wds
 from alfusion.engine import TokenData
-from alfusion.experiment import load_probe, saved_probe, split_tokens
+from alfusion.features import split_tokens
 from alfusion.predict import run_predict
+from alfusion.probe_files import load_probe, saved_probe
 
 
 @pytest.fixture(scope="module")

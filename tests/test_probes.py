@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import compose_config
 
-from alfusion.probes import AttentiveProbe, LinearProbe, build_probe, build_token_set
-from alfusion.tokens import resolve_layers
+from alfusion.probes import AttentiveProbe, LinearProbe, build_probe
+from alfusion.tokens import build_token_set, resolve_layers
 
 
 def probe_config(name: str, *overrides: str):

@@ -17,10 +17,11 @@ from conftest import compose_config
 from sklearn.metrics import balanced_accuracy_score
 
 from alfusion.engine import TokenData, fit_bank
-from alfusion.probes import build_probe, build_token_set
+from alfusion.probes import build_probe
 from alfusion.protocol import HParams, NonFiniteLoss
 from alfusion.resume import RunState
 from alfusion.search import expand_grid, run_search, stratified_split
+from alfusion.tokens import build_token_set
 
 NUM_LAYERS, DIM, CLASSES = 4, 32, 4
 

@@ -13,7 +13,8 @@ from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
 from alfusion.data.cache import EntryWriter, FeatureCache
 from alfusion.engine import StreamedTokens, TensorSteps, TokenData
 from alfusion.engine.stream import Prefetched, in_memory_bytes, storage_for
-from alfusion.experiment import cached_split, probe_factory
+from alfusion.experiment import probe_factory
+from alfusion.features import cached_split
 from alfusion.protocol import BatchPlan
 from alfusion.resume import RunState
 from alfusion.search import expand_grid, run_search

@@ -18,8 +18,8 @@ from alfusion.backbones import build_backbone, open_clip_vit
 from alfusion.data import build_dataset, with_transform
 from alfusion.data.extract import CacheTooLarge, load_or_extract
 from alfusion.end2end.encoder import TokenEncoder
-from alfusion.probes import build_probe, build_token_set
-from alfusion.tokens import TokenSet
+from alfusion.probes import build_probe
+from alfusion.tokens import TokenSet, build_token_set
 
 
 def expected_regions(tokens: torch.Tensor, prefix: int, grid: tuple[int, int], k: int

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
 from alfusion.data import build_dataset, dataset_identity, split_signature, with_transform
-from alfusion.data.cache import CacheEntry, EntryWriter, FeatureCache
+from alfusion.data.cache import CacheEntry, EntryWriter, FeatureCache, fingerprint_hash
 from alfusion.data.wds import WebDatasetSource, part_of_stream
 from alfusion.engine.progress import tqdm_options
-from alfusion.tokens import TokenSet, backbone_arrays
+from alfusion.tokens import TokenSet, backbone_arrays, build_token_set
 
 FORMAT_VERSION = 1  # bump when the meaning of stored arrays changes
 
@@ -190,7 +190,6 @@ def load_or_extract(cfg, split: str, device: str | torch.device = "cpu") -> Cach
     if entry is not None:
         return entry
     from alfusion.backbones import build_backbone
-    from alfusion.probes import build_token_set  # late: probes import the training engine
 
     dataset = build_dataset(cfg.dataset, split)
     backbone, transform = build_backbone(cfg.backbone)
@@ -361,3 +360,11 @@ def _extract_ranks(cache: FeatureCache, fingerprint: dict, dataset: Dataset, bac
     if entry is None:
         raise RuntimeError(f"rank {rank}: the merged cache entry is missing after the merge")
     return entry
+
+
+def dataset_digest(cfg, split: str) -> str:
+    """The split's digest: its feature-cache fingerprint in cached mode (the cache entry's
+    name), else (images end to end) a digest of the dataset settings and the split."""
+    if cfg.mode.name == "cached":
+        return fingerprint_hash(feature_fingerprint(cfg, split))
+    return fingerprint_hash(dict(dataset=dataset_identity(cfg.dataset), split=split))

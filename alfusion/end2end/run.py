@@ -17,9 +17,8 @@ from alfusion.end2end.encoder import TokenEncoder
 from alfusion.end2end.images import augment_transform, labels_of
 from alfusion.engine import ImageData
 from alfusion.engine.data import STREAM_SPLIT_REFUSED
-from alfusion.probes import build_token_set
 from alfusion.search import expand_grid
-from alfusion.tokens import TokenSet
+from alfusion.tokens import TokenSet, build_token_set
 
 
 @dataclass

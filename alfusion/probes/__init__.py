@@ -7,7 +7,7 @@ from torch import nn
 from alfusion.probes.attentive import AttentiveProbe
 from alfusion.probes.bank import ProbeBank
 from alfusion.probes.linear import LinearProbe
-from alfusion.tokens import TokenSet, resolve_layers
+from alfusion.tokens import TokenSet, build_token_set
 
 __all__ = ["AttentiveProbe", "LinearProbe", "ProbeBank", "build_probe", "build_token_set"]
 
@@ -17,13 +17,6 @@ __all__ = ["AttentiveProbe", "LinearProbe", "ProbeBank", "build_probe", "build_t
 # paper's rule for ALF's 2L tokens, would give heads of 2 * (D // T) dimensions or fewer (none at
 # all once T > D), and the probe's size A = H * 2 * (D // H) stays about 2D either way.
 SPATIAL_HEADS = 8
-
-
-def build_token_set(probe_cfg, num_layers: int) -> TokenSet:
-    """The TokenSet of a ``conf/probe`` config for a backbone of ``num_layers`` layers."""
-    layers = resolve_layers(probe_cfg.layers, num_layers)
-    return TokenSet(tuple(layers), probe_cfg.tokens, flat=probe_cfg.kind == "linear",
-                    regions=probe_cfg.get("regions"))
 
 
 def attentive_heads(probe_cfg, token_set: TokenSet, num_tokens: int) -> int:
