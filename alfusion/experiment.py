@@ -10,6 +10,8 @@ import torch
 
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
+from alfusion.api.mlflow_model import log_probe_model
+from alfusion.data import class_names
 from alfusion.data.extract import dataset_digest, load_or_extract
 from alfusion.distributed import is_global_zero, join_ranks, resolve_device, stop_ranks
 from alfusion.end2end.encoder import state_checksum
@@ -104,7 +106,8 @@ def run_train(cfg, run_dir: Path) -> dict:
 
 
 def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes: int) -> dict:
-    """results.json, probe.pt, per-class recall, analyses, and the run's MLflow summary."""
+    """results.json, probe.pt, per-class recall, analyses, the run's MLflow summary and its
+    MLflow model (runs:/<run id>/model, registered with logger.register_model)."""
     token_set, probe = inputs["token_set"], result.model
     summary = dict(
         mode=cfg.mode.name, dataset=cfg.dataset.name, backbone=cfg.backbone.name,
@@ -135,6 +138,10 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
         "fit/steps": result.steps, "fit/samples": result.fit_samples,
         "probe/params": summary["probe_params"], "time/search_s": result.search_seconds,
         "time/fit_s": result.fit_seconds, "time/inputs_s": inputs["seconds"]})
+    summary["model"] = log_probe_model(  # after the metrics: the model lists them
+        logger, cfg, run_dir / "probe.pt", summary, class_names(cfg.dataset, num_classes))
+    if summary["model"]:
+        tracking.log_artifact(logger, tracking.write_json(run_dir / "results.json", summary))
     tracking.log_artifact(logger, tracking.write_json(
         run_dir / "per_class_recall.json",
         dict(val=result.val.get("per_class_recall"), test=result.test["per_class_recall"])))

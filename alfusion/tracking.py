@@ -369,3 +369,48 @@ def download_artifact(uri: str, tracking_uri: str | None, dst: Path, key: str,
                                 f"{tracking_uri}: {err.message} ({err.error_code}). Check the "
                                 f"run id and the artifact's path (the run's Artifacts tab "
                                 f"lists them), and logger.tracking_uri; {fix}") from err
+
+
+
+class _PyfuncSaver:
+    """mlflow.pyfunc as the flavour Model.log saves with, minus the serving check: Model.log
+    skips running the input example through the loaded model (seconds: the backbone is
+    built) only when its flavour's save_model takes ``validate_serving_input``, which
+    mlflow.pyfunc.save_model does not."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs):
+        import mlflow.pyfunc
+
+        return mlflow.pyfunc.save_model(**kwargs)
+
+
+def log_model(logger: MLFlowLogger | None, python_model, *, name: str = "model",
+              artifacts: dict[str, str] | None = None, signature=None, input_example=None,
+              pip_requirements: list[str] | None = None, metadata: dict | None = None,
+              register_as: str | None = None):
+    """Log ``python_model`` (a python_function model: a PythonModel, or the path of the file
+    that sets one, MLflow's models from code) as the run's MLflow model ``name``
+    (``runs:/<run id>/<name>``; listed on the UI's Models page with the run's metrics logged
+    so far), and register it as a new version of ``register_as`` when given. Returns MLflow's
+    ModelInfo, or None without a logger.
+
+    Fast: the requirements are given (no inference by loading the model) and the input
+    example is stored, not run through the model."""
+    if logger is None:
+        return None
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    # Created here, in the run's experiment (Model.log would put it into the experiment that
+    # is active in this process), so that runs:/<run id>/<name> finds it.
+    model = logger.experiment.create_logged_model(
+        experiment_id=logger.experiment_id, name=name, source_run_id=logger.run_id)
+    with _use_tracking_uri(logger._tracking_uri):  # Model.log reads the global tracking URI
+        return Model.log(None, _PyfuncSaver, name=name, run_id=logger.run_id,
+                         model_id=model.model_id,
+                         python_model=str(python_model) if isinstance(python_model, Path)
+                         else python_model, artifacts=artifacts, signature=signature,
+                         input_example=input_example, pip_requirements=pip_requirements,
+                         metadata=metadata, registered_model_name=register_as,
+                         await_registration_for=30, validate_serving_input=False)
