@@ -7,6 +7,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -342,6 +343,23 @@ def is_artifact_uri(location: str) -> bool:
     return bool(sep) and len(scheme) > 1 and scheme.replace("-", "").replace("+", "").isalnum()
 
 
+@contextmanager
+def store_of(tracking_uri: str):
+    """MLflow's global tracking and registry URIs set to ``tracking_uri`` for a moment (and
+    restored): MLflow resolves models:/ URIs (a registered version, a logged model behind
+    runs:/<run id>/model) through the global ones, whatever URI its caller passes."""
+    import mlflow.tracking._model_registry.utils as registry
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    saved = registry._registry_uri
+    registry.set_registry_uri(tracking_uri)
+    try:
+        with _use_tracking_uri(tracking_uri):
+            yield
+    finally:
+        registry._registry_uri = saved
+
+
 def download_artifact(uri: str, tracking_uri: str | None, dst: Path, key: str,
                       fix: str) -> Path:
     """The local copy, under ``dst``, of the artifact that MLflow resolves ``uri`` to, read
@@ -362,8 +380,10 @@ def download_artifact(uri: str, tracking_uri: str | None, dst: Path, key: str,
                                     "logger.tracking_uri to the store the run logged to")
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                        tracking_uri=tracking_uri))
+        with store_of(tracking_uri):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                            tracking_uri=tracking_uri,
+                                                            registry_uri=tracking_uri))
     except MlflowException as err:
         raise MissingFile(f"{key}={uri} cannot be downloaded from the MLflow store at "
                                 f"{tracking_uri}: {err.message} ({err.error_code}). Check the "
@@ -400,13 +420,12 @@ def log_model(logger: MLFlowLogger | None, python_model, *, name: str = "model",
     if logger is None:
         return None
     from mlflow.models import Model
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     # Created here, in the run's experiment (Model.log would put it into the experiment that
     # is active in this process), so that runs:/<run id>/<name> finds it.
     model = logger.experiment.create_logged_model(
         experiment_id=logger.experiment_id, name=name, source_run_id=logger.run_id)
-    with _use_tracking_uri(logger._tracking_uri):  # Model.log reads the global tracking URI
+    with store_of(logger._tracking_uri):  # Model.log reads the global tracking URI
         return Model.log(None, _PyfuncSaver, name=name, run_id=logger.run_id,
                          model_id=model.model_id,
                          python_model=str(python_model) if isinstance(python_model, Path)

@@ -9,10 +9,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from importlib import metadata
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -23,6 +25,7 @@ from conftest import MLFLOW, free_port
 from mlflow.models import Model
 
 import alfusion
+from alfusion import tracking
 from alfusion.config_check import MissingFile
 
 
@@ -52,8 +55,8 @@ def test_pyfunc_in_a_fresh_process_predicts_like_the_probe(cli, fresh, probe):
 
 
 def test_the_model_folder(cli, store, tmp_path):
-    folder = mlflow.artifacts.download_artifacts(f"runs:/{cli['run_id']}/model",
-                                                 dst_path=str(tmp_path), tracking_uri=store)
+    folder = tracking.download_artifact(f"runs:/{cli['run_id']}/model", store, tmp_path,
+                                        "model", "")
     model = Model.load(folder)
     assert model.signature.inputs.input_names() == ["image"]
     assert model.signature.outputs.input_names() == ["class", "probability", "probabilities"]
@@ -106,7 +109,9 @@ def post(url: str, body: dict, timeout: float = 60) -> dict:
 def test_mlflow_models_serve_answers_an_image_post(cli, store, probe, tmp_path):
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=store)
+    # the server runs uvicorn from the PATH: this Python's scripts folder first
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.Popen(
         [str(MLFLOW), "models", "serve", "-m", f"runs:/{cli['run_id']}/model",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
@@ -135,7 +140,8 @@ def test_mlflow_models_serve_answers_an_image_post(cli, store, probe, tmp_path):
         with pytest.raises(urllib.error.HTTPError):  # no image column: refused, not served
             post(f"{url}/invocations", {"dataframe_records": [{"picture": "x"}]})
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
