@@ -165,3 +165,23 @@ def test_as_tokens_normalises_raw_tokens_only():
     assert torch.equal(as_tokens(unit, flat=False), unit)  # taken as given, bit for bit
     assert torch.allclose(as_tokens(3 * x, flat=False), unit, atol=1e-6)
     assert as_tokens(unit, flat=True).shape == (5, 24)
+
+
+def test_probe_of_a_fine_tuned_run(tmp_path, one_thread):
+    from alfusion.data.digits import digits_split, render
+    from alfusion.end2end.encoder import state_checksum
+    from alfusion.metrics import classification_metrics
+
+    summary = alfusion.run(tiny_overrides(tmp_path, "probe=finetune", "search.validate=false",
+                                          "logger=none"))
+    probe = alfusion.Probe.load(summary["run_dir"])  # a run folder
+    assert probe.mode == "finetune"
+    checksum = summary["backbone_checksum"]
+    assert checksum["end"] != checksum["start"]
+    assert state_checksum(probe.backbone) == checksum["end"]  # the trained weights, from probe.pt
+    pixels, labels = digits_split("test", limit=60)
+    logits = probe.logits([render(p) for p in pixels])
+    assert classification_metrics(logits, torch.as_tensor(labels), 10)["bal_acc"] == \
+        pytest.approx(summary["test"]["bal_acc"], abs=1e-12)
+    with pytest.raises(ValueError, match="is linear"):
+        probe.layer_weights([render(pixels[0])])

@@ -1,10 +1,4 @@
-"""alfusion's Python API (docs/python.md): ``run``, ``compose``, ``Probe``, ``extract_tokens``,
-``ALFClassifier``, ``LinearProbeClassifier``; each also exported from ``alfusion``."""
-
-from alfusion.api.estimators import ALFClassifier, LinearProbeClassifier, TokenProbeClassifier
-from alfusion.api.probe import Probe
-from alfusion.api.tokens import extract_tokens
-from alfusion.app import compose, run
-
-__all__ = ["ALFClassifier", "LinearProbeClassifier", "Probe", "TokenProbeClassifier", "compose",
-           "extract_tokens", "run"]
+"""alfusion's Python API (docs/python.md), exported from ``alfusion`` on first use:
+``run``/``compose`` (alfusion/app.py), ``Probe`` (probe.py), ``extract_tokens`` (tokens.py),
+``ALFClassifier``/``LinearProbeClassifier`` (estimators.py); the probe as an MLflow model
+(mlflow_model.py). Nothing is imported here, so that each name loads only what it needs."""

@@ -162,6 +162,8 @@ class TokenProbeClassifier(ClassifierMixin, BaseEstimator):
         return torch.from_numpy(self.decision_function(X)).softmax(dim=1).numpy()
 
     def predict(self, X) -> np.ndarray:
+        """(N,) the predicted label of each sample."""
+        check_is_fitted(self, "probe_")
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
     def score(self, X, y, sample_weight=None) -> float:
@@ -169,6 +171,7 @@ class TokenProbeClassifier(ClassifierMixin, BaseEstimator):
         test/bal_acc."""
         from alfusion.metrics import classification_metrics
 
+        check_is_fitted(self, "probe_")
         if sample_weight is not None:
             raise ValueError("score: sample_weight is not supported (balanced accuracy)")
         labels = np.asarray(y)

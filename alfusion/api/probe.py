@@ -96,6 +96,12 @@ class Probe:
             self._parts = backbone.to(self.device), transform, token_set, bank, module
         return self._parts
 
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The probe's backbone with its layer taps (a fine-tuned one with its trained
+        weights), frozen, in eval mode."""
+        return self._build()[0]
+
     def tokens(self, images) -> torch.Tensor:
         """The probe's input tokens (N, T, D) (or (N, F) for a linear probe) of ``images``: a
         folder, an image file, a PIL image, image bytes or a list of them."""
