@@ -405,6 +405,26 @@ class _PyfuncSaver:
         return mlflow.pyfunc.save_model(**kwargs)
 
 
+@contextmanager
+def quiet_model_logging():
+    """Without what MLflow prints while it saves a model (an INFO line on the input example, a
+    progress bar for its own local copy): a run's output stays its own lines."""
+    import logging
+
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level, bar = pyfunc_log.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    pyfunc_log.setLevel(logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        pyfunc_log.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def log_model(logger: MLFlowLogger | None, python_model, *, name: str = "model",
               artifacts: dict[str, str] | None = None, signature=None, input_example=None,
               pip_requirements: list[str] | None = None, metadata: dict | None = None,
@@ -425,7 +445,7 @@ def log_model(logger: MLFlowLogger | None, python_model, *, name: str = "model",
     # is active in this process), so that runs:/<run id>/<name> finds it.
     model = logger.experiment.create_logged_model(
         experiment_id=logger.experiment_id, name=name, source_run_id=logger.run_id)
-    with store_of(logger._tracking_uri):  # Model.log reads the global tracking URI
+    with store_of(logger._tracking_uri), quiet_model_logging():
         return Model.log(None, _PyfuncSaver, name=name, run_id=logger.run_id,
                          model_id=model.model_id,
                          python_model=str(python_model) if isinstance(python_model, Path)
