@@ -3,8 +3,9 @@
 Three OmegaConf resolvers, used by ``hydra.run.dir`` and ``hydra.sweep.subdir`` in
 conf/config.yaml:
 
-- ``${run_name:}``: dataset_backbone_probe (each checked as below), or for task=evaluate
-  (predict) ``evaluate_`` (``predict_``) + the probe's run folder name (MLflow run id).
+- ``${run_name:}``: first every setting against the schema (alfusion/schema.py: a refused one
+  ends a single run before its folder exists), then dataset_backbone_probe (each checked as
+  below), or for task=evaluate (predict) ``evaluate_`` (``predict_``) + the probe's run folder name (MLflow run id).
 - ``${path_name:dataset.name}``: the value of that key, refused unless it is a single safe path
   component (``dataset.name=x/../../ESCAPED`` would otherwise put the run folder outside
   ``paths.root``).
@@ -54,6 +55,13 @@ def run_name(*, _root_) -> str:
     the probe used: ``evaluate_`` (``predict_``) and the name of the probe's own run folder,
     or its MLflow run id for ``runs:/<run id>/...`` (the backbone and probe of the command
     line play no part in it)."""
+    from alfusion.config_check import check_schema
+
+    try:  # every setting is checked before Hydra creates the folder
+        check_schema(_root_)
+    except ConfigError as err:
+        if not is_multirun(_root_):
+            exit_refused(err)  # in a multirun the job's own check refuses it
     task = OmegaConf.select(_root_, "task")
     if task in ("evaluate", "predict") and OmegaConf.select(_root_, "probe_path"):
         path = str(_root_.probe_path)
