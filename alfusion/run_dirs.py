@@ -5,7 +5,8 @@ conf/config.yaml:
 
 - ``${run_name:}``: first every setting against the schema (alfusion/schema.py: a refused one
   ends a single run before its folder exists), then dataset_backbone_probe (each checked as
-  below), or for task=evaluate (predict) ``evaluate_`` (``predict_``) + the probe's run folder name (MLflow run id).
+  below), or for task=evaluate (predict) ``evaluate_`` (``predict_``) + the probe's run
+  folder name (MLflow run id).
 - ``${path_name:dataset.name}``: the value of that key, refused unless it is a single safe path
   component (``dataset.name=x/../../ESCAPED`` would otherwise put the run folder outside
   ``paths.root``).
