@@ -19,6 +19,10 @@ from typing import NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from alfusion.errors import ConfigError, MissingFile
+
+__all__ = ["ConfigError", "MissingFile", "check_config", "check_labels", "exit_refused"]
+
 TASKS = ("train", "extract", "evaluate", "predict")
 MODES = ("cached", "end2end", "finetune")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -30,12 +34,6 @@ SAFE_NAME_RULE = "one path component of letters, digits and . _ - + = (no '/', n
 PATH_NAME_KEYS = ("dataset.name", "backbone.key", "probe.name")
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the key, the value and what is allowed."""
-
-
-class MissingFile(ConfigError, FileNotFoundError):
-    """A setting that names a file or folder that does not exist."""
 
 
 def full_errors() -> bool:
@@ -44,7 +42,13 @@ def full_errors() -> bool:
 
 
 def refusal_line(err: ConfigError) -> str:
-    return "[alfusion] " + " ".join(str(err).split())
+    """``err`` as one line; an error re-raised from a DataLoader worker (whose message carries
+    the worker's traceback) as its own message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return "[alfusion] " + " ".join(text.split())
 
 
 def exit_refused(err: ConfigError) -> NoReturn:

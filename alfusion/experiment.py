@@ -92,6 +92,9 @@ def run_train(cfg, run_dir: Path) -> dict:
               f"{cfg.probe.name} | test balanced accuracy {summary['test']['bal_acc']:.4f} "
               f"(chosen {result.best.name}; results in {state.run_dir})")
         return summary
+    except Exception as err:  # the reason stays with the FAILED run
+        tracking.set_tag(logger, "alfusion.error", " ".join(str(err).split())[:4000])
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         print(f"[alfusion] interrupted: MLflow run marked KILLED; continue it with the same "
