@@ -15,7 +15,9 @@ def run_command(cfg: DictConfig, run_dir: Path):
     import logging
 
     from alfusion.config_check import check_config
+    from alfusion.distributed import install_stop_signals
 
+    install_stop_signals()  # SIGTERM and SIGUSR1 stop the run as Ctrl-C does
     check_config(cfg)
     if cfg.task in ("train", "extract"):  # the data, listed, before any model or MLflow run
         from alfusion.data.checks import check_data

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -261,6 +263,37 @@ def check_checkpoint(ckpt_path: str, run_dir: Path) -> None:
                           f"no step state): {CKPT_FIX}")
 
 
+def requeued() -> bool:
+    """Whether this is a SLURM job started again by a requeue (preemption, or a requeue after
+    SIGTERM/SIGUSR1): it continues its own unfinished run, as with resume=true."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: this command's overrides with
+    ``resume=true hydra.run.dir=<run_dir>``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    args = []
+    if HydraConfig.initialized():
+        args = [o for o in HydraConfig.get().overrides.task
+                if not o.startswith(("resume=", "ckpt_path=", "hydra.run.dir="))]
+    return " ".join(["python -m alfusion", *map(shlex.quote, args), "resume=true",
+                     shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
+def interrupted_line(run_dir: Path, logger) -> str:
+    """What an interrupted run (Ctrl-C, SIGTERM, SIGUSR1) prints: the MLflow run marked KILLED
+    and the command that continues it."""
+    from alfusion.distributed import received_signal
+
+    signum = received_signal()
+    how = f"{signal.Signals(signum).name} received" if signum else "interrupted"
+    mlflow = f"MLflow run {logger.run_id} marked KILLED; " if logger is not None else ""
+    return (f"[alfusion] interrupted ({how}): {mlflow}continue it (from its last checkpoint) "
+            f"with: {resume_command(run_dir)}")
+
+
 def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
     """(state of the run to write into, whether it continues an earlier run).
 
@@ -276,7 +309,7 @@ def open_run_state(cfg, run_dir: Path) -> tuple[RunState, bool]:
         previous = None
         if cfg.get("ckpt_path"):
             previous = run_folder_of(cfg.ckpt_path)
-        elif cfg.get("resume"):
+        elif cfg.get("resume") or requeued():
             previous = find_run_to_resume(run_dir, Path(cfg.paths.root), identity)
         if previous is not None:
             try:

@@ -98,8 +98,8 @@ def unique_dir(path: str) -> str:
 
 def remove_if_unused(run_dir: Path) -> None:
     """Remove a run folder that holds nothing but what Hydra wrote into it (``.hydra/`` and
-    the job's log): a refused command or a resume that continued another folder leaves no
-    stray folder. Only in a single run, by rank 0."""
+    the job's log) and empty folders: a refused command or a resume that continued another
+    folder leaves no stray folder. Only in a single run, by rank 0."""
     from hydra.core.hydra_config import HydraConfig
 
     from alfusion.distributed import is_global_zero
@@ -110,8 +110,14 @@ def remove_if_unused(run_dir: Path) -> None:
     if str(hydra_cfg.mode).endswith("MULTIRUN"):
         return  # the sweep's summary reads every job's folder
     hydra_files = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
-    if all(p.name in hydra_files for p in Path(run_dir).iterdir()):
+    if all(p.name in hydra_files or holds_no_file(p) for p in Path(run_dir).iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def holds_no_file(path: Path) -> bool:
+    """A folder with no file anywhere under it (e.g. the ``downloaded/`` of a refused
+    ``probe_path=runs:/...``)."""
+    return path.is_dir() and not any(p.is_file() for p in path.rglob("*"))
 
 
 def register_resolvers() -> None:
