@@ -288,9 +288,9 @@ def interrupted_line(run_dir: Path, logger) -> str:
     from alfusion.distributed import received_signal
 
     signum = received_signal()
-    how = f"{signal.Signals(signum).name} received" if signum else "interrupted"
+    how = f" ({signal.Signals(signum).name} received)" if signum else ""
     mlflow = f"MLflow run {logger.run_id} marked KILLED; " if logger is not None else ""
-    return (f"[alfusion] interrupted ({how}): {mlflow}continue it (from its last checkpoint) "
+    return (f"[alfusion] interrupted{how}: {mlflow}continue it (from its last checkpoint) "
             f"with: {resume_command(run_dir)}")
 
 
