@@ -15,9 +15,7 @@ def run_command(cfg: DictConfig, run_dir: Path):
     import logging
 
     from alfusion.config_check import check_config
-    from alfusion.distributed import install_stop_signals
 
-    install_stop_signals()  # SIGTERM and SIGUSR1 stop the run as Ctrl-C does
     check_config(cfg)
     if cfg.task in ("train", "extract"):  # the data, listed, before any model or MLflow run
         from alfusion.data.checks import check_data
@@ -32,7 +30,10 @@ def run_command(cfg: DictConfig, run_dir: Path):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
+    from alfusion.distributed import install_stop_signals
     from alfusion.sweep import run_job
+
+    install_stop_signals()  # SIGTERM and SIGUSR1 stop the run as Ctrl-C does
 
     # run_job: a refusal is one line (exit status 2); in a multirun a failed or refused job is
     # recorded and the sweep goes on to its summary (alfusion/sweep.py)
