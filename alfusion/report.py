@@ -105,7 +105,7 @@ def check_store(tracking_uri: str, where: str = "--tracking-uri") -> None:
         if header != SQLITE_HEADER:
             what = ("a folder" if path.is_dir() else "an empty file" if not header
                     else "not a SQLite database")
-            raise SystemExit(f"[alfusion] {path} ({where}) is {what}, not an MLflow store; it "
+            raise SystemExit(f"[alfusion] {path} is {what}, not an MLflow store ({where}); it "
                              f"is left as it is: {fix}")
     elif tracking_uri.startswith(("http://", "https://")):
         from alfusion.tracking import check_server

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alfusion.data import build_dataset
 from alfusion.data.digits import digits_split
-from alfusion.data.folder import ImageFolderSource
 from alfusion.data.wds import DatasetUnavailable
 
 
@@ -43,7 +43,7 @@ def check_data(cfg, splits=("train", "test")) -> None:
             raise DatasetUnavailable(f"dataset.root={ds.root}: no such folder (the layout is "
                                      "PATH/{train,test}/<class>/<image>): check the path")
         for split in splits:
-            source = ImageFolderSource(root, split, limit=ds.get("limit"))  # checks files
+            source = build_dataset(ds, split)  # its layout, classes and files (not decoded)
             if split == "train":
                 labels = np.asarray(source.labels)
     if labels is not None and "train" in splits and cfg.get("task") == "train":
