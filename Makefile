@@ -32,9 +32,12 @@ lint: install
 # make ui [PORT=5000]: the MLflow UI over outputs/mlflow.db (runs, metrics, heatmaps, plots);
 # without MLflow's GenAI job runner (seven worker processes that browsing runs does not need).
 # It prints the address of the experiment's runs table, sorted by test balanced accuracy.
+# A missing store (no run yet) or a file that is no MLflow store is refused in one line.
 PORT ?= 5000
 EXPERIMENT ?= alfusion
 ui: install
+	@$(BIN)/python -c "from alfusion.report import check_store; \
+	check_store('sqlite:///outputs/mlflow.db', 'make ui')"
 	@$(BIN)/python -c "from alfusion.tracking import runs_view_url; \
 	print('alfusion runs:', runs_view_url('sqlite:///outputs/mlflow.db', \
 	'http://127.0.0.1:$(PORT)', '$(EXPERIMENT)'))"

@@ -10,13 +10,17 @@ from omegaconf import DictConfig
 
 
 def run_command(cfg: DictConfig, run_dir: Path):
-    """Check the whole config (every bad setting fails here, in seconds, before any work),
-    then run the task."""
+    """Check the whole config and the data it lists (every bad setting or input fails here, in
+    seconds, before any work), then run the task."""
     import logging
 
     from alfusion.config_check import check_config
 
     check_config(cfg)
+    if cfg.task in ("train", "extract"):  # the data, listed, before any model or MLflow run
+        from alfusion.data.checks import check_data
+
+        check_data(cfg, ("train", "test") if cfg.task == "train" else cfg.extract.splits)
     from alfusion.experiment import TASKS
 
     # Lightning has its own console handler; Hydra's root handler would print it all twice.
@@ -26,7 +30,10 @@ def run_command(cfg: DictConfig, run_dir: Path):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig):
+    from alfusion.distributed import install_stop_signals
     from alfusion.sweep import run_job
+
+    install_stop_signals()  # SIGTERM and SIGUSR1 stop the run as Ctrl-C does
 
     # run_job: a refusal is one line (exit status 2); in a multirun a failed or refused job is
     # recorded and the sweep goes on to its summary (alfusion/sweep.py)

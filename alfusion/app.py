@@ -35,10 +35,11 @@ def run(overrides: Sequence[str] = ()) -> dict:
     """Run ``python -m alfusion OVERRIDES`` in this process and return what the task returns
     (task=train: the run's summary, as in results.json)."""
     from alfusion.__main__ import run_command
-    from alfusion.config_check import ConfigError
+    from alfusion.config_check import ConfigError, check_schema
     from alfusion.run_dirs import remove_if_unused
 
     cfg = compose(overrides, with_hydra=True)
+    check_schema(cfg)  # as the CLI: a refused setting before the run folder exists
     run_dir = Path(cfg.hydra.run.dir)  # created by the unique_dir resolver, as in the CLI
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.set_readonly(cfg.hydra, False)

@@ -14,9 +14,11 @@ code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -28,6 +30,22 @@ from alfusion.data.cache import HASH, file_checksum
 
 class CheckpointDamaged(ConfigError):
     """A checkpoint whose bytes differ from those recorded when it was written."""
+
+
+class CheckpointWriteFailed(ConfigError, OSError):
+    """A checkpoint that could not be written (a full disk, most often): one line naming the
+    file, the free space and the fix; the checkpoints written before it stay intact."""
+
+    @classmethod
+    def of(cls, path: Path, err: Exception) -> CheckpointWriteFailed:
+        free = shutil.disk_usage(path.parent).free
+        full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+            free < 64 * 2**20
+        why = (f"the disk is full ({free / 2**20:.0f} MB free)" if full else
+               " ".join(str(err).split())[:200])
+        return cls(f"checkpoint {path} could not be written: {why}. Nothing partial is kept "
+                   f"and the run's earlier checkpoint is intact: free space on the disk of "
+                   f"{path.parent}, then continue the run with resume=true")
 
 
 def previous_file(path: Path) -> Path:
@@ -67,7 +85,11 @@ def save_checkpoint(state: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as err:  # torch reports a short write as "unexpected pos"
+        tmp.unlink(missing_ok=True)  # no partial file; the intact ones stay as they are
+        raise CheckpointWriteFailed.of(path, err) from err
     new = file_checksum(tmp)
     old = recorded_checksums(path) or []
     _record(path, [new, *old[:2]])  # new, last, previous: whichever files exist are recorded
@@ -85,8 +107,14 @@ def why_unreadable(err: Exception) -> str:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         reasons = [line for line in lines[1:] if "weights_only" not in line
                    and not line.startswith("Check the documentation")]
-        return (reasons[0] if reasons else "it holds objects other than tensors and plain "
-                "containers")
+        if not reasons:
+            return "it holds objects other than tensors and plain containers"
+        # Only what it asked for: never torch's advice to allow-list it "if you trust" it.
+        reason = reasons[0].removeprefix("WeightsUnpickler error: ")
+        asked = re.search(r"GLOBAL (\S+)", reason)
+        if asked:
+            return f"it asks for {asked.group(1)}, which is not a tensor or plain data"
+        return re.split(r"(?<=\.)\s|\. Please use", reason, maxsplit=1)[0]
     return re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0]
 
 
@@ -148,17 +176,55 @@ def verify_rank(last: Path) -> int:
                             f"no intact earlier checkpoint is beside it: {fix}")
 
 
+def intact_steps(last: Path) -> dict[int, Path]:
+    """{step: file} of one rank's intact checkpoints (``last`` and ``previous``)."""
+    fix = stage_fix(last.parent)
+    recorded = recorded_checksums(last)
+    if recorded is None:
+        return {verify_rank(last): last}  # an older alfusion's: said, and used as it is
+    found = {}
+    for path in (previous_file(last), last):
+        if is_intact(path, recorded):
+            found[step_of(path, fix)] = path
+    return found
+
+
+def common_step(folder: Path, ranks: list[str]) -> int:
+    """The newest step every rank of a DDP fit holds an intact checkpoint of. A rank that died
+    stopped at its last checkpoint while the others may have saved one more (they stop at the
+    next step's collective): those ranks continue from the one before it (said so)."""
+    options = {rank: intact_steps(folder / f"last.{rank}") for rank in ranks}
+    for rank, steps in options.items():
+        if not steps:
+            verify_rank(folder / f"last.{rank}")  # raises, naming the damaged file
+    common = set.intersection(*(set(steps) for steps in options.values()))
+    if not common:
+        shown = {rank: sorted(steps) for rank, steps in options.items()}
+        raise CheckpointDamaged(f"the ranks' checkpoints in {folder} share no step (steps "
+                                f"{shown}): {stage_fix(folder)}")
+    step = max(common)
+    for rank, steps in options.items():
+        last = folder / f"last.{rank}"
+        if steps[step] != last:
+            print(f"[alfusion] checkpoint {last} is at step {max(steps)}, past the other "
+                  f"ranks': continuing every rank from step {step}", flush=True)
+            if last.exists():
+                last.unlink()
+            os.replace(steps[step], last)
+            _record(last, [file_checksum(last)])
+    return step
+
+
 def verify_checkpoints(run_dir: Path) -> dict[str, int]:
     """Verify every fit checkpoint of a run folder before it is resumed (see the module);
-    {fit stage: the step it continues from}."""
+    {fit stage: the step it continues from}. A DDP fit's ranks continue from the newest step
+    they all hold (common_step)."""
     found = {}
     for folder in sorted(p for p in (Path(run_dir) / "checkpoints").glob("*") if p.is_dir()):
-        ranks = {p.name.removeprefix("last.").removeprefix("previous.")
-                 for p in folder.glob("*.rank*.pt")}
-        steps = {rank: verify_rank(folder / f"last.{rank}") for rank in sorted(ranks)}
-        if len(set(steps.values())) > 1:
-            raise CheckpointDamaged(f"the checkpoints in {folder} are at different steps "
-                                    f"({steps}): {stage_fix(folder)}")
-        if steps:
-            found[folder.name] = next(iter(steps.values()))
+        ranks = sorted({p.name.removeprefix("last.").removeprefix("previous.")
+                        for p in folder.glob("*.rank*.pt")})
+        if len(ranks) == 1:
+            found[folder.name] = verify_rank(folder / f"last.{ranks[0]}")
+        elif ranks:
+            found[folder.name] = common_step(folder, ranks)
     return found

@@ -11,7 +11,6 @@ exit status 2, the traceback only when asked for (HYDRA_FULL_ERROR=1 or ALFUSION
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -19,6 +18,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from alfusion.errors import ConfigError, MissingFile
+
+__all__ = ["ConfigError", "MissingFile", "check_config", "check_labels", "exit_refused"]
 
 TASKS = ("train", "extract", "evaluate", "predict")
 MODES = ("cached", "end2end", "finetune")
@@ -29,16 +32,8 @@ SAFE_NAME_RULE = "one path component of letters, digits and . _ - + = (no '/', n
 # Config keys whose values become file or folder names (run folders, sweep subfolders,
 # report files).
 PATH_NAME_KEYS = ("dataset.name", "backbone.key", "probe.name")
-FINGERPRINT_MODES = ("stat", "content")
-PROGRESS_MODES = ("auto", "bars", "lines", True, False)  # true: auto
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the key, the value and what is allowed."""
-
-
-class MissingFile(ConfigError, FileNotFoundError):
-    """A setting that names a file or folder that does not exist."""
 
 
 def full_errors() -> bool:
@@ -47,7 +42,13 @@ def full_errors() -> bool:
 
 
 def refusal_line(err: ConfigError) -> str:
-    return "[alfusion] " + " ".join(str(err).split())
+    """``err`` as one line; an error re-raised from a DataLoader worker (whose message carries
+    the worker's traceback) as its own message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return "[alfusion] " + " ".join(text.split())
 
 
 def exit_refused(err: ConfigError) -> NoReturn:
@@ -90,120 +91,48 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(cfg, key: str, minimum: int, allowed: str | None = None) -> None:
-    value = select(cfg, key)
-    if value is not None and (not is_int(value) or value < minimum):
-        refuse(key, value, allowed or f"an integer >= {minimum}")
+def check_schema(cfg) -> None:
+    """Every key of ``cfg`` against the typed schema (alfusion/schema.py): an unknown key, a
+    wrong type or a value out of range is a ConfigError naming the key."""
+    from alfusion.schema import SettingError, check_settings
 
-
-def check_grid(cfg, key: str, ok, allowed: str) -> None:
-    """``search.<key>``: a list of numbers each passing ``ok``; a single number becomes a
-    one-value list (``search.lr=0.01`` means that one learning rate)."""
-    given = select(cfg, key)
-    if given is None:
-        return
-    value = [given] if is_number(given) else given
-    if not isinstance(value, (list, ListConfig)) or len(value) == 0:
-        refuse(key, given, f"a number or a non-empty list of numbers, each {allowed}")
-    for v in value:
-        if not is_number(v) or not math.isfinite(v) or not ok(v):
-            refuse(key, given, f"each value must be a finite number {allowed} ({v!r} is not)")
-    if value is not given:
-        parent, leaf = key.rsplit(".", 1)
-        with open_dict(cfg):
-            select(cfg, parent)[leaf] = value
-
-
-def check_fraction(cfg, key: str, low_open: bool, high_open: bool) -> None:
-    value = select(cfg, key)
-    if value is None:
-        return
-    low = (lambda v: v > 0) if low_open else (lambda v: v >= 0)
-    high = (lambda v: v < 1) if high_open else (lambda v: v <= 1)
-    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-    if not is_number(value) or not low(value) or not high(value):
-        refuse(key, value, f"a number in {interval}")
+    try:
+        check_settings(cfg)
+    except SettingError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_config(cfg: DictConfig) -> DictConfig:
     """Refuse every setting that cannot work (ConfigError: key, value, what is allowed) and
-    normalise single numbers in the search grid to lists, in place. Returns ``cfg``."""
-    if cfg.get("task") not in TASKS:
-        refuse("task", cfg.get("task"), f"one of {', '.join(TASKS)}")
+    normalise single numbers in the search grid to lists, in place. Returns ``cfg``.
+
+    Each key's type and range come from the schema (check_schema); here only what spans
+    several keys or depends on the backbone."""
+    check_schema(cfg)
     check_mode(cfg)
     check_predict(cfg)
-    if not is_int(cfg.get("seed")):
-        refuse("seed", cfg.get("seed"), "an integer")
     for key in PATH_NAME_KEYS:
         if select(cfg, key) is not None:
             check_path_name(key, select(cfg, key))
-    fewshot = cfg.get("fewshot_k")
-    if fewshot is not None and (not is_int(fewshot) or fewshot < 1):
-        refuse("fewshot_k", fewshot, "null (all samples) or an integer >= 1 (K per class)")
-    num_classes = select(cfg, "dataset.num_classes")
-    if num_classes is not None and (not is_int(num_classes) or num_classes < 2):
-        refuse("dataset.num_classes", num_classes,
-               "null (read from the data) or an integer >= 2: a classifier needs two classes")
-    check_preprocess(cfg)
-    fingerprint = select(cfg, "dataset.fingerprint")
-    if fingerprint is not None and fingerprint not in FINGERPRINT_MODES:
-        refuse("dataset.fingerprint", fingerprint, f"one of {', '.join(FINGERPRINT_MODES)}")
-
-    progress = select(cfg, "trainer.progress_bar")
-    if progress is not None and not any(progress is m or progress == m for m in PROGRESS_MODES):
-        refuse("trainer.progress_bar", progress, "auto, bars, lines, true (auto) or false")
-
-    check_grid(cfg, "search.lr", lambda v: v > 0, "> 0")
-    check_grid(cfg, "search.wd", lambda v: v >= 0, ">= 0")
-    check_grid(cfg, "search.dropout", lambda v: 0 <= v < 1, "in [0, 1)")
-    check_fraction(cfg, "search.val_fraction", low_open=True, high_open=True)
-
-    for key in ("train.epochs", "train.min_steps"):
-        check_int(cfg, key, 0, "an integer >= 0")
+    for key in ("search.lr", "search.wd", "search.dropout"):
+        as_grid(cfg, key)
     epochs, min_steps = select(cfg, "train.epochs"), select(cfg, "train.min_steps")
     if epochs is not None and min_steps is not None and epochs < 1 and min_steps < 1:
         raise ConfigError(f"train.epochs={epochs} with train.min_steps={min_steps} is not "
                           "allowed: a fit needs at least one optimiser step, so set "
                           "train.epochs >= 1 or train.min_steps >= 1")
-    for key in ("train.batch_size", "train.min_batches", "end2end.batch_size",
-                "end2end.eval_batch_size", "extract.batch_size", "extract.chunk_rows"):
-        check_int(cfg, key, 1)
-    for key in ("extract.num_workers", "end2end.num_workers"):
-        check_int(cfg, key, 0)
-    check_fraction(cfg, "train.jitter_p", low_open=False, high_open=False)
-    sigma = select(cfg, "train.jitter_sigma")
-    if sigma is not None and (not is_number(sigma) or not math.isfinite(sigma) or sigma < 0):
-        refuse("train.jitter_sigma", sigma, "a finite number >= 0")
-    check_jitter(cfg)
     check_probe(cfg)
-    check_streaming(cfg)
     return cfg
 
 
-def check_preprocess(cfg: DictConfig) -> None:
-    """``backbone.preprocess``: paper (the paper's transform and input size for the backbone's
-    family) or model (the backbone's own eval transform)."""
-    from alfusion.backbones.preprocess import PREPROCESS_MODES
-
-    value = select(cfg, "backbone.preprocess")
-    if value is not None and value not in PREPROCESS_MODES:
-        refuse("backbone.preprocess", value, "paper (the paper's preprocessing and input size, "
-               "the default) or model (the backbone's own eval transform)")
-
-
-def check_jitter(cfg: DictConfig) -> None:
-    from alfusion.random_draws import JITTER_MODES
-
-    jitter = select(cfg, "end2end.jitter")
-    if jitter is not None and jitter not in JITTER_MODES:
-        refuse("end2end.jitter", jitter, f"one of {', '.join(JITTER_MODES)} (the paper: "
-               "per_batch, one coin per batch)")
-    draws = select(cfg, "train.jitter_draws")
-    if draws is not None and draws != "shared":  # the engine is imported only for the others
-        from alfusion.engine.step import JITTER_DRAWS
-
-        if draws not in JITTER_DRAWS:
-            refuse("train.jitter_draws", draws, f"one of {', '.join(JITTER_DRAWS)}")
+def as_grid(cfg, key: str) -> None:
+    """``search.<key>``: a single number becomes a one-value list (``search.lr=0.01`` means
+    that one learning rate)."""
+    given = select(cfg, key)
+    if is_number(given):
+        parent, leaf = key.rsplit(".", 1)
+        with open_dict(cfg):
+            select(cfg, parent)[leaf] = [given]
 
 
 LAYER_SETS = ("all", "last", "middle_last", "quarterly")
@@ -235,8 +164,6 @@ def check_probe(cfg: DictConfig) -> None:
         kind = "regions" if tokens == "all" else f"{tokens}+regions"
         refuse("probe.regions", regions, f"probe.tokens={tokens} has no region tokens: use "
                f"probe.tokens={kind}, or probe.regions=null")
-    for key in ("num_heads", "head_dim"):
-        check_int(cfg, f"probe.{key}", 1, "null (the paper's rule) or an integer >= 1")
     layers = probe.get("layers")
     if is_int(layers):  # probe.layers=12 means that one layer
         layers = [layers]
@@ -295,29 +222,6 @@ def check_predict(cfg: DictConfig) -> None:
     if select(cfg, "dataset.source") == "folder" and not select(cfg, "dataset.root"):
         refuse("dataset.root", None, "task=predict needs the folder of images: "
                "dataset=folder dataset.root=DIR")
-    check_int(cfg, "predict.top_k", 1)
-
-
-STREAM_SETTINGS = {"train.stream": ("auto", "memory", "disk"),
-                   "train.parallel": ("auto", "grid", "data")}
-
-
-def check_streaming(cfg: DictConfig) -> None:
-    """Cached features in memory or streamed (train.stream, its budget), and how DDP splits
-    the work (train.parallel)."""
-    for key, allowed in STREAM_SETTINGS.items():
-        value = select(cfg, key)
-        if value is not None and value not in allowed:
-            refuse(key, value, f"one of {', '.join(allowed)}")
-    limit = select(cfg, "extract.max_cache_gb")
-    if limit is not None and (not is_number(limit) or not math.isfinite(limit) or limit <= 0):
-        refuse("extract.max_cache_gb", limit,
-               "null (as much as the disk of paths.cache holds) or a number of GB > 0")
-    budget = select(cfg, "train.stream_budget_gb")
-    if budget is not None and (not is_number(budget) or not math.isfinite(budget)
-                               or budget < 0):
-        refuse("train.stream_budget_gb", budget,
-               "null (half the device's free memory) or a number of GB >= 0")
 
 
 def check_mode(cfg: DictConfig) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -208,6 +210,55 @@ class RankSlice(IterableDataset):
                 yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
         while buffer:
             yield buffer.pop(int(torch.randint(len(buffer), (), generator=g)))
+
+
+# SIGTERM (SLURM, Kubernetes, ``timeout``) and SIGUSR1 (SLURM's warning before a time limit)
+# stop a run as Ctrl-C does. In a fit, Lightning's own SIGTERM handler (which this one joins)
+# stops every rank at the end of the same step, where the fit checkpoints; elsewhere
+# (extraction, set-up) the signal interrupts at once. A second signal interrupts at once.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+_received: list[int] = []
+_forwarding = False
+
+
+def received_signal() -> int | None:
+    """The first stop signal this process received, or None."""
+    return _received[0] if _received else None
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    global _forwarding
+    if _forwarding:  # called back by Lightning's handler, to which this one forwarded
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    in_fit = callable(current) and current is not _on_stop_signal  # Lightning's, with us
+    repeated = bool(_received)
+    _received.append(signum)
+    if in_fit and not repeated:
+        if signum != signal.SIGTERM:  # Lightning stops a fit on SIGTERM: pass it on
+            _forwarding = True
+            try:
+                current(signal.SIGTERM, frame)
+            finally:
+                _forwarding = False
+        print(f"[alfusion] {signal.Signals(signum).name} received: stopping the fit at the "
+              "end of this step (a checkpoint is written there)", flush=True)
+        return
+    raise KeyboardInterrupt
+
+
+def install_stop_signals() -> None:
+    """SIGTERM and SIGUSR1 stop the run as Ctrl-C does (see above). A signal another handler
+    already owns (submitit's SIGUSR1 under ``hydra/launcher=slurm``: requeue) is left to it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in STOP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        current = signal.getsignal(signum)
+        if current in (signal.SIG_DFL, None) or current is _on_stop_signal:
+            signal.signal(signum, _on_stop_signal)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from alfusion.predict import run_predict
 from alfusion.probe_files import load_probe, refuse_overrides, save_probe, saved_probe
 from alfusion.probes import build_probe
 from alfusion.protocol import HParams
-from alfusion.resume import open_run_state
+from alfusion.resume import interrupted_line, open_run_state
 from alfusion.search import expand_grid, run_search
 
 
@@ -94,10 +95,13 @@ def run_train(cfg, run_dir: Path) -> dict:
               f"{cfg.probe.name} | test balanced accuracy {summary['test']['bal_acc']:.4f} "
               f"(chosen {result.best.name}; results in {state.run_dir})")
         return summary
+    except Exception as err:  # the reason stays with the FAILED run
+        with contextlib.suppress(Exception):  # never over the real error
+            tracking.set_tag(logger, "alfusion.error", " ".join(str(err).split())[:4000])
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
-        print(f"[alfusion] interrupted: MLflow run marked KILLED; continue it with the same "
-              f"command and resume=true (run folder {state.run_dir})", flush=True)
+        print(interrupted_line(state.run_dir, logger), flush=True)
         raise
     finally:
         if status != "FINISHED":

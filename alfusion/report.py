@@ -85,31 +85,48 @@ def attention_heatmaps(client, records: list[RunRecord], out: Path) -> list[Path
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def refuse_non_store(tracking_uri: str) -> None:
-    """Refuse a ``sqlite:///PATH`` whose file exists but is no SQLite database (an empty file,
-    another format): MLflow would write its tables into it."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return
-    path = Path(tracking_uri.removeprefix("sqlite:///"))
-    if not path.is_file():
-        return  # client_for names a missing store
-    with open(path, "rb") as f:
-        header = f.read(len(SQLITE_HEADER))
-    if header != SQLITE_HEADER:
-        what = "an empty file" if not header else "not a SQLite database"
-        raise SystemExit(f"--tracking-uri {tracking_uri}: {path} is {what}, not an MLflow "
-                         "store; it is left as it is. Point --tracking-uri at the store the "
-                         "runs logged to (by default sqlite:///outputs/mlflow.db, or a server's "
-                         "http://HOST:PORT)")
+def check_store(tracking_uri: str, where: str = "--tracking-uri") -> None:
+    """Refuse, in one line (SystemExit, status 1), a SQLite store that is missing, a folder or
+    not an MLflow store, or a server that does not answer; ``make ui`` runs it (``where``:
+    how the store was named) before the MLflow UI, which would create an empty store or fail
+    with a traceback."""
+    fix = (f"point {where} at the store the runs logged to (sqlite:///PATH or "
+           "http://HOST:PORT)" if where.startswith("--") else
+           f"run {where} in the folder whose outputs/ the runs logged to")
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise SystemExit(f"[alfusion] no MLflow store at {path} ({where}): run an "
+                             f"experiment first (python -m alfusion), or {fix}")
+        header = b""
+        if path.is_file():
+            with open(path, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        if header != SQLITE_HEADER:
+            what = ("a folder" if path.is_dir() else "an empty file" if not header
+                    else "not a SQLite database")
+            raise SystemExit(f"[alfusion] {path} is {what}, not an MLflow store ({where}); it "
+                             f"is left as it is: {fix}")
+    elif tracking_uri.startswith(("http://", "https://")):
+        from alfusion.tracking import check_server
+
+        try:
+            check_server(tracking_uri)
+        except ValueError as err:
+            raise SystemExit(f"[alfusion] {' '.join(str(err).split())}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tags = parse_tags(args.tag, args.sweep)
-    refuse_non_store(args.tracking_uri)
+    check_store(args.tracking_uri)  # one line for a missing or broken store
     client = client_for(args.tracking_uri)
-    records = fetch_runs(client, args.experiment, tags)
+    try:
+        records = fetch_runs(client, args.experiment, tags)
+    except Exception as err:  # MLflow's errors for a store it cannot read
+        raise SystemExit(f"[report] --tracking-uri {args.tracking_uri}: cannot read the "
+                         f"store ({' '.join(str(err).split())[:300]})") from None
     where = f"experiment {args.experiment!r} at {args.tracking_uri}" + (f", tags {tags}"
                                                                        if tags else "")
     if not records:

@@ -3,8 +3,10 @@
 Three OmegaConf resolvers, used by ``hydra.run.dir`` and ``hydra.sweep.subdir`` in
 conf/config.yaml:
 
-- ``${run_name:}``: dataset_backbone_probe (each checked as below), or for task=evaluate
-  (predict) ``evaluate_`` (``predict_``) + the probe's run folder name (MLflow run id).
+- ``${run_name:}``: first every setting against the schema (alfusion/schema.py: a refused one
+  ends a single run before its folder exists), then dataset_backbone_probe (each checked as
+  below), or for task=evaluate (predict) ``evaluate_`` (``predict_``) + the probe's run
+  folder name (MLflow run id).
 - ``${path_name:dataset.name}``: the value of that key, refused unless it is a single safe path
   component (``dataset.name=x/../../ESCAPED`` would otherwise put the run folder outside
   ``paths.root``).
@@ -54,6 +56,13 @@ def run_name(*, _root_) -> str:
     the probe used: ``evaluate_`` (``predict_``) and the name of the probe's own run folder,
     or its MLflow run id for ``runs:/<run id>/...`` (the backbone and probe of the command
     line play no part in it)."""
+    from alfusion.config_check import check_schema
+
+    try:  # every setting is checked before Hydra creates the folder
+        check_schema(_root_)
+    except ConfigError as err:
+        if not is_multirun(_root_):
+            exit_refused(err)  # in a multirun the job's own check refuses it
     task = OmegaConf.select(_root_, "task")
     if task in ("evaluate", "predict") and OmegaConf.select(_root_, "probe_path"):
         path = str(_root_.probe_path)
@@ -89,8 +98,8 @@ def unique_dir(path: str) -> str:
 
 def remove_if_unused(run_dir: Path) -> None:
     """Remove a run folder that holds nothing but what Hydra wrote into it (``.hydra/`` and
-    the job's log): a refused command or a resume that continued another folder leaves no
-    stray folder. Only in a single run, by rank 0."""
+    the job's log) and empty folders: a refused command or a resume that continued another
+    folder leaves no stray folder. Only in a single run, by rank 0."""
     from hydra.core.hydra_config import HydraConfig
 
     from alfusion.distributed import is_global_zero
@@ -101,8 +110,14 @@ def remove_if_unused(run_dir: Path) -> None:
     if str(hydra_cfg.mode).endswith("MULTIRUN"):
         return  # the sweep's summary reads every job's folder
     hydra_files = {hydra_cfg.output_subdir, f"{hydra_cfg.job.name}.log"}
-    if all(p.name in hydra_files for p in Path(run_dir).iterdir()):
+    if all(p.name in hydra_files or holds_no_file(p) for p in Path(run_dir).iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def holds_no_file(path: Path) -> bool:
+    """A folder with no file anywhere under it (e.g. the ``downloaded/`` of a refused
+    ``probe_path=runs:/...``)."""
+    return path.is_dir() and not any(p.is_file() for p in path.rglob("*"))
 
 
 def register_resolvers() -> None:

@@ -68,6 +68,9 @@ def run_job(task: Callable, cfg: DictConfig, run_dir: Path):
 
             remove_if_unused(run_dir)
             exit_refused(err)
+        except KeyboardInterrupt:
+            exit_on_signal()
+            raise
     hydra_cfg = HydraConfig.get()
     status = dict(num=hydra_cfg.job.num, overrides=list(hydra_cfg.overrides.task),
                   run_dir=str(run_dir))
@@ -76,6 +79,10 @@ def run_job(task: Callable, cfg: DictConfig, run_dir: Path):
         result = task(cfg, run_dir)
         status.update(status="COMPLETED")
         return result
+    except KeyboardInterrupt:  # the sweep stops, as it does on Ctrl-C
+        status.update(status="FAILED", error="interrupted")
+        exit_on_signal()
+        raise
     except Exception as err:
         status.update(status="FAILED", error=f"{type(err).__name__}: {err}",
                       traceback=traceback.format_exc())
@@ -93,6 +100,18 @@ def run_job(task: Callable, cfg: DictConfig, run_dir: Path):
         if is_global_zero():
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / STATUS_FILE).write_text(json.dumps(status, indent=2))
+
+
+def exit_on_signal() -> None:
+    """After a stop signal (SIGTERM, SIGUSR1; alfusion/distributed.py) the command ends with
+    status 128 + its number, as a process ended by it would (143, 138), without a traceback;
+    after Ctrl-C the KeyboardInterrupt goes on."""
+    from alfusion.distributed import received_signal
+
+    signum = received_signal()
+    if signum is not None:
+        sys.stdout.flush()
+        raise SystemExit(128 + signum) from None
 
 
 def summarise(sweep_dir: Path) -> dict:

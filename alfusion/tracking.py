@@ -284,9 +284,10 @@ def mark_killed(logger: MLFlowLogger | None, run_id: str) -> None:
         logger.experiment.set_terminated(run_id, "KILLED")
 
 
-def close_orphans(log_cfg, run_ids: list[str]) -> None:
+def close_orphans(log_cfg, run_ids: list[str], reason: str | None = None) -> None:
     """Mark KILLED those of ``run_ids`` (runs of killed processes) that are still RUNNING in
-    the store of ``log_cfg``; ids the store does not hold are skipped."""
+    the store of ``log_cfg``; ids the store does not hold are skipped. ``reason``: why, kept
+    as the run's tag ``alfusion.killed_reason``."""
     if not run_ids or log_cfg.get("name", "mlflow") != "mlflow":
         return
     uri = log_cfg.tracking_uri
@@ -299,6 +300,8 @@ def close_orphans(log_cfg, run_ids: list[str]) -> None:
     for run_id in run_ids:
         try:
             if client.get_run(run_id).info.status == "RUNNING":
+                if reason:
+                    client.set_tag(run_id, "alfusion.killed_reason", reason[:4000])
                 client.set_terminated(run_id, "KILLED")
                 print(f"[alfusion] MLflow run {run_id} of a killed run of this config: marked "
                       "KILLED", flush=True)

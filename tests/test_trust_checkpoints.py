@@ -89,4 +89,5 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path):
     assert f"delete the folder {ckpt.parent}" in proc.stderr
     assert not json.loads((run_dir / "resume.json").read_text()).get("stages")
     [run] = mlflow_runs(tmp_path)
-    assert run.info.status == "RUNNING"  # the killed run was not reopened
+    assert run.info.status == "KILLED"  # not reopened; closed, with the reason
+    assert "is truncated or damaged" in run.data.tags["alfusion.killed_reason"]

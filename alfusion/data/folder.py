@@ -75,6 +75,10 @@ class ImageFolderSource(Dataset):
     def __init__(self, root: str | Path, split: str, transform=None,
                  limit: int | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            layout = "PATH/<image>" if split == PLAIN else "PATH/{train,test}/<class>/<image>"
+            raise DatasetUnavailable(f"dataset.root={root}: no such folder (the layout is "
+                                     f"{layout}): check the path")
         if split == PLAIN:
             self.paths, self.classnames = plain_images(self.root), []
             self.labels = [-1] * len(self.paths)
@@ -82,6 +86,10 @@ class ImageFolderSource(Dataset):
             self.paths, self.labels, self.classnames = folder_images(self.root, split)
         if limit is not None:
             self.paths, self.labels = self.paths[:limit], self.labels[:limit]
+        for path in self.paths:  # listed, so refused before any work; decoding comes later
+            if path.stat().st_size == 0:
+                raise DatasetUnavailable(f"image {path} is an empty file (0 bytes): remove or "
+                                         "replace it")
         self.transform = transform
 
     @property
@@ -101,5 +109,6 @@ class ImageFolderSource(Dataset):
             with Image.open(path) as image:
                 image = to_rgb(image)
         except Exception as err:  # PIL raises many types for damaged files
-            raise DatasetUnavailable(f"image {path} cannot be decoded ({err})") from err
+            raise DatasetUnavailable(f"image {path} cannot be decoded ({err}): remove or "
+                                     "replace it") from err
         return (self.transform(image) if self.transform else image), self.labels[i]

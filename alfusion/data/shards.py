@@ -18,13 +18,15 @@ from pathlib import Path
 from PIL import Image
 
 from alfusion.data.images import to_rgb
+from alfusion.errors import ConfigError
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")  # the clip_benchmark image keys, in priority order
 HTTP_TIMEOUT_S = 30
 
 
-class BadShard(RuntimeError):
-    """A shard is truncated, not a tar file, or holds a sample that cannot be used."""
+class BadShard(ConfigError, RuntimeError):
+    """A shard is truncated, not a tar file, or holds a sample that cannot be used: a refusal
+    (one line, exit 2) naming the shard and the sample."""
 
 
 def is_remote(location: str) -> bool:

@@ -30,13 +30,14 @@ from alfusion.data.shards import (
     iter_samples,
     scan_local_shard,
 )
+from alfusion.errors import ConfigError
 
 HF_URL = "https://huggingface.co/datasets/clip-benchmark/wds_{name}/resolve/main"
 TEXT_TIMEOUT_S = 20
 
 
-class DatasetUnavailable(RuntimeError):
-    """A dataset's files cannot be found or reached."""
+class DatasetUnavailable(ConfigError, RuntimeError):
+    """A dataset's files cannot be found, reached or decoded: a refusal (one line, exit 2)."""
 
 
 def dataset_base(cfg) -> str:

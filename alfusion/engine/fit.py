@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from alfusion.distributed import adopt_ranks
@@ -179,12 +180,13 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
 
 
 class Interrupted(Callback):
-    """Remembers whether the fit ended by Ctrl-C."""
+    """Remembers whether the fit ended by Ctrl-C or a stop signal (SIGTERM, SIGUSR1)."""
 
     seen = False
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
-        self.seen = self.seen or isinstance(exception, KeyboardInterrupt)
+        # SIGTERM/SIGUSR1 stop a fit through Lightning's SIGTERMException (a SystemExit)
+        self.seen = self.seen or isinstance(exception, (KeyboardInterrupt, SIGTERMException))
 
 
 def gather(core: BankStep, share: slice, configs: list[HParams], plan: BatchPlan) -> FitResult:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from alfusion.checkpoints import save_checkpoint
 from alfusion.distributed import all_ranks_agree
@@ -152,6 +153,15 @@ class StepCheckpoint(Callback):
         if s % self.every or module.core.finished:
             return
         save_checkpoint(module.checkpoint(), checkpoint_file(self.folder, world_and_rank()[1]))
+
+    def on_exception(self, trainer, module: BankModule, exception: BaseException) -> None:
+        """A stop signal ends the fit at the end of a step, on every rank the same one
+        (Lightning's SIGTERMException): checkpoint it there, so the resume loses nothing."""
+        core = getattr(module, "core", None)
+        if isinstance(exception, SIGTERMException) and core is not None \
+                and not core.finished and core.step_count % self.every:
+            save_checkpoint(module.checkpoint(),
+                            checkpoint_file(self.folder, world_and_rank()[1]))
 
 
 class BankDDPStrategy(DDPStrategy):
