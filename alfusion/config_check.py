@@ -176,6 +176,11 @@ def check_config(cfg: DictConfig) -> DictConfig:
         refuse("train.jitter_sigma", sigma, "a finite number >= 0")
     check_jitter(cfg)
     check_probe(cfg)
+    if cfg.get("task") != "evaluate" and select(cfg, "backbone.family"):
+        from alfusion.backbones.layout import token_refusal  # a CNN; a CLS the model lacks
+
+        if problem := token_refusal(cfg):
+            refuse(*problem)
     check_streaming(cfg)
     return cfg
 
