@@ -109,6 +109,10 @@ def _timm_layout(name: str, kwargs: dict) -> Layout:
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(f"{name} is not a timm model ({err}): use one of "
                          "timm.list_models()") from err
+    except TypeError as err:  # a CNN takes no img_size or depth: say what it is instead
+        if kwargs:
+            _timm_layout(name, {})
+        raise ValueError(f"{name} cannot be built with {kwargs} ({err})") from err
     embed_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (224,)
     return timm_model_layout(model, name, kwargs.get("img_size") or embed_size[0])
 
@@ -171,6 +175,12 @@ def token_refusal(cfg) -> tuple[str, object, str] | None:
         return None
     kinds = str(probe.tokens).split("+")
     name = cfg.backbone.get("key") or cfg.backbone.get("name")
+    analysis = cfg.get("analysis") or []
+    analysis = [analysis] if isinstance(analysis, str) else list(analysis)
+    if not layout.class_token and {"layers", "cka"} & set(analysis):
+        return ("analysis", analysis, f"backbone {name} has no class token, and analysis=layers "
+                "and cka compare every layer's CLS; run without them (the attention heatmap "
+                "of probe=alf shows the layers that matter)")
     instead = "ap+pool" if layout.pool_head else "ap"
     if "cls" in kinds and not layout.class_token:
         if probe.get("name") == "alf" and probe.tokens == "cls+ap":
@@ -181,14 +191,15 @@ def token_refusal(cfg) -> tuple[str, object, str] | None:
             print(f"[alfusion] backbone {name} has no class token: probe=alf takes its ALF "
                   f"token set, probe.tokens={instead}", flush=True)
             return None
-        what = ("the pooling head's output of the final layer (probe.tokens=pool) or AP "
-                "(probe.tokens=ap)" if layout.pool_head else "AP, the mean patch token "
-                "(probe.tokens=ap)")
+        if layout.pool_head:
+            what = ("probe.tokens=pool (its attention-pool head's output on the final layer: the "
+                    "linear baseline on such a model) or ap (the mean patch token); its ALF "
+                    "token set is probe.tokens=ap+pool")
+        else:
+            what = ("probe.tokens=ap (the mean patch token: the linear baseline on such a model, "
+                    "and with all layers its ALF token set)")
         return ("probe.tokens", probe.tokens,
-                f"backbone {name} has no class token (token 0 is a patch); use {what}, or "
-                f"probe.tokens={instead} for every layer"
-                + (" (the linear baseline on such a model)" if probe.get("kind") == "linear"
-                   else ""))
+                f"backbone {name} has no class token, so no CLS; use {what}")
     if "pool" in kinds:
         if not layout.pool_head:
             return ("probe.tokens", probe.tokens, f"backbone {name} has no pooling head (MAP / "

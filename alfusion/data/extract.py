@@ -244,7 +244,7 @@ def token_layout(backbone, transform) -> dict:
     image = transform(Image.new("RGB", (256, 256)))[None]
     out = backbone(image, token_layers=[len(backbone.dims)])
     return dict(tokens_per_layer=int(out.tokens.shape[2]),
-                num_prefix_tokens=int(out.num_prefix_tokens),
+                num_prefix_tokens=int(out.num_prefix_tokens), class_token=out.cls is not None,
                 grid=list(out.grid) if out.grid else None)
 
 
