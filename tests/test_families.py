@@ -120,11 +120,13 @@ def test_any_timm_vit_by_name_reads_its_token_rules(tmp_path):
 REFUSALS = [
     (["backbone=siglip2_b", "probe=linear"], "probe.tokens='cls' is not allowed: backbone "
      "siglip2_b has no class token, so no CLS; use probe.tokens=pool"),
-    (["backbone=aimv2_l", "probe=alf", "probe.tokens=cls+ap"], "use probe.tokens=ap"),
+    (["backbone=aimv2_l", "probe=attentive_last"], "use probe.tokens=ap"),
+    (["backbone=aimv2_l", "probe=alf", "probe.tokens=cls"], "use probe.tokens=ap"),
     (["backbone=aimv2_l", "probe=alf", "probe.tokens=ap+pool"], "has no pooling head"),
     (["backbone=siglip2_b", "probe=alf", "probe.tokens=ap+pool", "probe.layers=[1]"],
      "the pool token is the final layer's"),
     (["backbone=siglip2_b", "analysis=[layers]"], "compare every layer's CLS"),
+    (["backbone=timm"], "backbone=timm needs a timm model name"),
     (["backbone=timm", "backbone.name=resnet50"], "resnet50 (ResNet) is not a plain Vision "
      "Transformer"),
     (["backbone=timm", "backbone.name=swin_tiny_patch4_window7_224"], "(SwinTransformer) is "
@@ -139,7 +141,8 @@ def test_tokens_the_backbone_cannot_give_are_refused_before_any_work(tmp_path, o
                                                                        message):
     """Refused by the config check (models on the meta device: no weights, no extraction)."""
     with pytest.raises(ConfigError, match=None) as err:
-        run(tiny_overrides(tmp_path, "++backbone.pretrained=false", *overrides))
+        run(tiny_overrides(tmp_path, "++backbone.pretrained=false",
+                           f"++backbone.model_kwargs={SMALL_KWARGS}", *overrides))
     assert message in str(err.value)
     assert not (tmp_path / "cache").exists()
 

@@ -166,6 +166,11 @@ def token_refusal(cfg) -> tuple[str, object, str] | None:
     config is changed to say so (probe.tokens=ap+pool or ap). Any other request for a CLS is
     refused with what to use instead.
     """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg.backbone, "name"):
+        return ("backbone.name", None, "backbone=timm needs a timm model name, e.g. "
+                "backbone.name=vit_base_patch16_dinov3.lvd1689m (timm.list_models())")
     try:
         layout = backbone_layout(cfg.backbone)
     except ValueError as err:  # NotTappable, or not a model of its library
