@@ -153,16 +153,48 @@ NEW_CONFIGS = ["dinov3_s", "dinov3_b", "dinov3_l", "siglip2_b", "siglip2_l", "pe
 
 @pytest.mark.parametrize("key", NEW_CONFIGS)
 def test_a_short_alf_run_finishes_on_every_new_family_config(tmp_path, key):
-    """probe=alf on each config (random weights, 2 narrow blocks, 28-32 px): the run ends with
-    its test score; without a class token on the model's ALF token set (AP + pool, or AP)."""
+    """probe=alf on each config (random weights, 2 narrow blocks, 28-32 px, 3 steps): the run
+    ends with its test score; without a class token on the model's ALF token set (AP + pool,
+    or AP)."""
     side = 28 if "14" in compose([f"backbone={key}"]).backbone.name else 32
     summary = run(tiny_overrides(tmp_path, f"backbone={key}", "++backbone.pretrained=false",
                                  f"++backbone.model_kwargs={SMALL_KWARGS}",
-                                 f"backbone.img_size={side}", "train.min_steps=5",
-                                 "train.epochs=1"))
-    has_cls = FAMILIES.get(key, (None, None, True))[2] if key in FAMILIES else (
-        not key.startswith(("siglip2", "aimv2")))
-    pool = key.startswith(("siglip2", "pe_core"))
+                                 f"backbone.img_size={side}", "train.min_steps=3",
+                                 "train.epochs=1", "logger=none",
+                                 "search.validate=false"))
+    has_cls = not key.startswith(("siglip2", "aimv2"))
+    pool = key.startswith("siglip2")
     want = "cls+ap" if has_cls else ("ap+pool" if pool else "ap")
     assert summary["tokens"] == want
     assert 0.0 <= summary["test"]["bal_acc"] <= 1.0
+
+
+def test_open_clip_towers_on_timm_trunks_take_the_timm_token_rules(tmp_path):
+    """OpenCLIP's SigLIP 2 tower (a timm trunk with a MAP head): tapped as its timm model (no
+    CLS, the pool token is the trunk's pooled output); its layout is read without weights; an
+    OpenCLIP ConvNeXt tower is refused before any work."""
+    from omegaconf import OmegaConf
+    from open_clip.timm_model import TimmModel
+
+    from alfusion.backbones import open_clip_vit
+    from alfusion.backbones.layout import backbone_layout
+
+    cfg = OmegaConf.create(dict(family="open_clip", name="ViT-B-16-SigLIP2", tap="norm2",
+                                final="norm"))
+    layout = backbone_layout(cfg)
+    assert (layout.layers, layout.class_token, layout.pool_head) == (12, False, True)
+    torch.manual_seed(0)
+    visual = TimmModel("vit_base_patch16_siglip_224", embed_dim=768, pool="map", proj="none",
+                       image_size=224)
+    visual.trunk.blocks = visual.trunk.blocks[:2]  # 2 blocks: the test's size
+    tapped, transform = open_clip_vit.tap_model(visual.eval(), "open_clip's preprocess", cfg)
+    assert transform == "open_clip's preprocess"
+    images = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        out = tapped(images)
+        pooled = visual.trunk.forward_head(visual.trunk.forward_features(images),
+                                           pre_logits=True)
+    assert out.cls is None and out.ap.shape == (3, 2, 768)
+    torch.testing.assert_close(out.pool[:, 0], pooled)
+    with pytest.raises(ConfigError, match="convnext_base .* is not a plain Vision Transformer"):
+        run(tiny_overrides(tmp_path, "backbone=clip_b16", "backbone.name=convnext_base"))
