@@ -198,3 +198,16 @@ def test_open_clip_towers_on_timm_trunks_take_the_timm_token_rules(tmp_path):
     torch.testing.assert_close(out.pool[:, 0], pooled)
     with pytest.raises(ConfigError, match="convnext_base .* is not a plain Vision Transformer"):
         run(tiny_overrides(tmp_path, "backbone=clip_b16", "backbone.name=convnext_base"))
+
+
+def test_attention_cells_name_the_pool_token_and_no_missing_cls():
+    """The heatmap's labels: the pool token sits at the final layer; all tokens of a model
+    without a class token are registers then patches, none called CLS."""
+    from alfusion.analysis.attention import token_cells
+    from alfusion.tokens import TokenSet
+
+    labels, kinds, cells = token_cells(TokenSet((1, 2), "ap+pool"), 3, None)
+    assert (labels, kinds, cells) == (["AP@1", "AP@2", "pool@2"], ["AP", "pool"], [0, 1, 3])
+    layout = dict(num_prefix_tokens=1, class_token=False, grid=[1, 2])
+    labels, kinds, _ = token_cells(TokenSet((2,), "all"), 3, layout)
+    assert labels == ["reg0@2", "P0,0@2", "P0,1@2"] and kinds == ["registers", "patches"]

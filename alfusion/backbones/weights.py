@@ -149,14 +149,16 @@ def load_timm_vit_weights(model: nn.Module, path, what: str) -> None:
     state = timm_vit_state_dict(raw, model)
     try:
         check_fits(state, model, what, path)
-    except WeightsMismatch:
+    except WeightsMismatch as mismatch:
         converted = timm_converted(raw, model)
         if converted is None:
             raise
-        refuse_dropped_biases(raw, model, what, path)
         state = timm_vit_state_dict(converted, model)
-        check_fits(state, model, f"{what} (the file converted as timm converts its layout)",
-                   path)
+        try:
+            check_fits(state, model, what, path)
+        except WeightsMismatch:
+            raise mismatch from None  # the file's own keys say more than timm's conversion
+        refuse_dropped_biases(raw, model, what, path)
     model.load_state_dict(state, strict=True)
 
 
@@ -183,9 +185,11 @@ def refuse_dropped_biases(state: dict[str, torch.Tensor], model: nn.Module, what
                           path) -> None:
     """A DINOv3 file with non-zero qkv biases must not load into a model without them (timm's
     conversion would drop them silently)."""
+    if "storage_tokens" not in state:  # not Meta's DINOv3 layout
+        return
     params = dict(model.named_parameters())
     lost = [k for k, v in state.items() if k.endswith("attn.qkv.bias") and bool(v.any())
-            and k.replace("qkv.bias", "q_bias") not in params]
+            and k not in params and k.replace("qkv.bias", "q_bias") not in params]
     if lost:
         raise WeightsMismatch(
             f"backbone.weights={path} has non-zero attention biases ({lost[0]}, ...) that "
