@@ -122,6 +122,11 @@ def check_config(cfg: DictConfig) -> DictConfig:
                           "allowed: a fit needs at least one optimiser step, so set "
                           "train.epochs >= 1 or train.min_steps >= 1")
     check_probe(cfg)
+    if cfg.get("task") != "evaluate" and select(cfg, "backbone.family"):
+        from alfusion.backbones.layout import token_refusal  # a CNN; a CLS the model lacks
+
+        if problem := token_refusal(cfg):
+            refuse(*problem)
     return cfg
 
 

@@ -33,7 +33,7 @@ def cached_split(cfg, entry, storage: str, device: torch.device):
         return StreamedTokens.from_entry(entry, token_set, "data" if parallel in (
             "auto", "data") else "grid"), token_set
     # fp16 onto the device first: selection, normalisation and fp32 happen there.
-    names = ("cls", "ap", "tokens", "regions")
+    names = ("cls", "ap", "tokens", "regions", "pool")
     arrays = {n: entry.tensor(n, device) for n in names if entry.has(n)}
     x = token_set.from_arrays(arrays, entry.dims)
     parallel = "data" if cfg.train.get("parallel", "auto") == "data" else "grid"

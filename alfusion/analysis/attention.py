@@ -23,7 +23,7 @@ from alfusion.analysis.plots import heatmap, new_figure, save
 from alfusion.probes.attentive import AttentiveProbe
 from alfusion.tokens import TokenSet
 
-KIND_NAMES = {"cls": "CLS", "ap": "AP", "regions": "regions"}
+KIND_NAMES = {"cls": "CLS", "ap": "AP", "pool": "pool", "regions": "regions"}
 
 
 @dataclass
@@ -97,18 +97,23 @@ def token_cells(token_set: TokenSet, num_tokens: int, layout: dict | None
     if token_set.tokens == "all":
         per_layer = num_tokens // len(layers)
         prefix = (layout or {}).get("num_prefix_tokens", 1)
+        has_cls = int((layout or {}).get("class_token", True) and prefix > 0)  # SigLIP: none
         cols = spatial_grid(token_set, layout, per_layer)[1]
-        kinds = ["CLS", "registers", "patches"] if prefix > 1 else ["CLS", "patches"]
+        kinds = ["CLS"] * has_cls + ["registers"] * (prefix > has_cls) + ["patches"]
         for j, layer in enumerate(layers):
             for t in range(per_layer):
-                kind = 0 if t == 0 else (1 if t < prefix else len(kinds) - 1)
-                name = ("CLS" if t == 0 else f"reg{t}" if t < prefix
+                kind = 0 if t < has_cls else (has_cls if t < prefix else len(kinds) - 1)
+                name = ("CLS" if t < has_cls else f"reg{t}" if t < prefix
                         else f"P{(t - prefix) // cols},{(t - prefix) % cols}")
                 labels.append(f"{name}@{layer}")
                 cells.append(kind * len(layers) + j)
     else:
         for kind_index, kind in enumerate(token_set.kinds):
             kinds.append(KIND_NAMES[kind])
+            if kind == "pool":  # one token: the pooling head's output on the final layer
+                labels.append(f"pool@{max(layers)}")
+                cells.append(kind_index * len(layers) + layers.index(max(layers)))
+                continue
             k = token_set.regions or 0
             names = [f"R{r // k},{r % k}" for r in range(k * k)] if kind == "regions" else [
                 KIND_NAMES[kind]]

@@ -1,4 +1,7 @@
-"""OpenCLIP image towers, tapped at ``resblocks.{i}.ln_2`` and the projected output."""
+"""OpenCLIP image towers, tapped at ``resblocks.{i}.ln_2`` and the projected output; a tower built
+on a timm trunk (SigLIP, SigLIP 2, PE) is tapped as that timm model (alfusion/backbones/timm_vit.py:
+its blocks, final norm and pooling head, before open_clip's projection), with open_clip's
+preprocess."""
 
 from __future__ import annotations
 
@@ -67,6 +70,10 @@ def _load_file(cfg, load, kwargs: dict):
 
 
 def tap_model(visual: nn.Module, preprocess, cfg) -> tuple[TappedBackbone, object]:
+    if getattr(visual, "trunk", None) is not None:  # open_clip's TimmModel
+        from alfusion.backbones import timm_vit
+
+        return timm_vit.tap_model(visual.trunk, cfg, transform=preprocess)
     if getattr(visual, "attn_pool", None) is not None:
         raise ValueError(f"{cfg.name}: attentional-pool image towers are not supported")
     # No pooling: the tower then returns every token, after ln_post and the projection.

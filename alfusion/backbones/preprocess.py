@@ -18,6 +18,7 @@ config for DINOv2 and MAE too: 518 px for DINOv2, a bicubic 248 px resize for MA
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torchvision is imported where a transform is built: config checks stay light
@@ -39,11 +40,17 @@ def preprocess_mode(cfg) -> str:
     return mode
 
 
+def is_paper_dinov2(timm_name: str) -> bool:
+    """True for the paper's DINOv2 architectures (``vit_*_patch14_dinov2``), not for DINOv2
+    with registers (``vit_*_patch14_reg4_dinov2``: not a paper backbone, timm's own rule)."""
+    arch = timm_name.partition(".")[0]
+    return arch.endswith("_dinov2") and not re.search(r"_reg\d+_dinov2$", arch)
+
+
 def loaded_from_torch_hub(timm_name: str) -> bool:
     """True for the timm names whose weights the paper loaded from torch hub instead of timm:
     DINOv2 (``vit_*_patch14_dinov2``, no registers) and MAE (the ``.mae`` tag)."""
-    arch, _, tag = timm_name.partition(".")
-    return arch.endswith("_dinov2") or tag == "mae"
+    return is_paper_dinov2(timm_name) or timm_name.partition(".")[2] == "mae"
 
 
 def hub_transform(crop: int = HUB_CROP) -> T.Compose:

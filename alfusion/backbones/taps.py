@@ -6,7 +6,10 @@ output; the residual stream (block output) is the other option. Layers are numbe
 the paper: layers 1..L-1 are blocks 1..L-1 (block 0 is never used), layer L is the final output.
 
 Every tapped output is laid out as [prefix tokens (CLS, registers), patch tokens in row-major
-grid order]; AP and region tokens pool the patch tokens only.
+grid order]; AP and region tokens pool the patch tokens only. CLS is token 0 only where the
+model has a class token: a model without one (SigLIP, AIMv2) has no CLS, and its registers or
+storage tokens, like any prefix token, are never pooled. A model with a pooling head (MAP /
+attention pool) also yields that head's output on the final layer, the ``pool`` token.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from torch import nn
 class LayerOutputs:
     """Per-layer pooled tokens of one batch.
 
-    cls: (B, L, D) token 0 of every tapped layer, zero-padded on the right to the widest layer.
+    cls: (B, L, D) the class token (token 0) of every tapped layer, zero-padded on the right to
+        the widest layer; None for a model without a class token.
     ap: (B, L, D) mean of the patch tokens (all prefix tokens excluded), padded likewise.
     tokens: (B, L', N_tok, D) all tokens of the requested layers (padded), else None: every
         layer with ``all_tokens=True``, the layers named by ``token_layers`` in their order.
@@ -31,15 +35,17 @@ class LayerOutputs:
     dims: true width of every layer (only OpenCLIP's projected output is narrower).
     grid: (rows, columns) of the patch grid of this batch.
     num_prefix_tokens: tokens before the patches (CLS and registers).
+    pool: (B, 1, D) the pooling head's output on the final layer, padded; None without one.
     """
 
-    cls: torch.Tensor
+    cls: torch.Tensor | None
     ap: torch.Tensor
     tokens: torch.Tensor | None
     dims: list[int]
     regions: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
     num_prefix_tokens: int = 1
+    pool: torch.Tensor | None = None
 
 
 class TappedBackbone(nn.Module):
@@ -49,6 +55,8 @@ class TappedBackbone(nn.Module):
     calls the model's feature forward (no classification head); the hooks record what each
     tapped module returned, (B, N_tok, D) in every supported family. ``patch_size`` (rows,
     columns of pixels) gives the patch grid of an input; None assumes a square grid.
+    ``class_token``: token 0 is a class token (else no CLS is reported); ``pooled``: ``run``
+    returns the pooling head's output (B, D) on the final layer, the pool token.
     """
 
     def __init__(
@@ -59,8 +67,12 @@ class TappedBackbone(nn.Module):
         num_prefix_tokens: int,
         dims: list[int],
         patch_size: tuple[int, int] | None = None,
+        class_token: bool = True,
+        pooled: bool = False,
     ) -> None:
         super().__init__()
+        self.class_token = class_token
+        self.pooled = pooled
         self.patch_size = tuple(patch_size) if patch_size is not None else None
         self.model = model
         self._run = run
@@ -101,7 +113,7 @@ class TappedBackbone(nn.Module):
         self._captured.clear()
         self._recording = True
         try:
-            self._run(images)
+            result = self._run(images)
             layers = [self._captured[name] for name in self.tap_names]
         finally:
             self._recording = False
@@ -109,7 +121,9 @@ class TappedBackbone(nn.Module):
         width = self.width
         p = self.num_prefix_tokens
         grid = self.patch_grid(images, layers[0].shape[1] - p)
-        cls = torch.stack([_pad(t[:, 0], width) for t in layers], dim=1)
+        cls = (torch.stack([_pad(t[:, 0], width) for t in layers], dim=1)
+               if self.class_token else None)
+        pool = _pad(result, width)[:, None] if self.pooled else None
         ap = torch.stack([_pad(t[:, p:].mean(dim=1), width) for t in layers], dim=1)
         if all_tokens:
             token_layers = list(range(1, len(layers) + 1))
@@ -118,7 +132,7 @@ class TappedBackbone(nn.Module):
         pooled = (torch.stack([_pad(region_pool(t[:, p:], grid, regions), width)
                                for t in layers], dim=1) if regions else None)
         return LayerOutputs(cls=cls, ap=ap, tokens=tokens, dims=self.dims, regions=pooled,
-                            grid=grid, num_prefix_tokens=p)
+                            grid=grid, num_prefix_tokens=p, pool=pool)
 
     def patch_grid(self, images: torch.Tensor, num_patches: int) -> tuple[int, int] | None:
         """(rows, columns) of patches for images (B, 3, H, W); None where the patch tokens do not

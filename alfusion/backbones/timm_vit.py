@@ -1,4 +1,7 @@
-"""timm Vision Transformers: supervised ViT, DINOv2 and MAE weights, and the offline ViT-S/14."""
+"""timm Vision Transformers: the paper's supervised ViT, DINOv2 and MAE, today's families (DINOv3,
+SigLIP 2, PE-core, AIMv2, EVA-02, DINOv2 with registers), any ViT-like timm model by name, and the
+offline ViT-S/14. Token rules (class token, prefix tokens, pooling head, final norm) are read
+from the model (alfusion/backbones/layout.py, ``token_facts``)."""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 
 from alfusion.backbones.hub import load_from_hub
+from alfusion.backbones.layout import check_tappable, token_facts
 from alfusion.backbones.pos_embed import set_hub_input_size
 from alfusion.backbones.preprocess import (
     HUB_CROP,
     hub_transform,
+    is_paper_dinov2,
     loaded_from_torch_hub,
     preprocess_mode,
 )
@@ -19,15 +24,17 @@ from alfusion.backbones.taps import TappedBackbone
 from alfusion.backbones.weights import load_timm_vit_weights
 
 
-def tap_names(depth: int, tap: str, final: str) -> list[str]:
+def tap_names(depth: int, tap: str, final: str, final_norm: str = "norm") -> list[str]:
     """Module names for layers 1..L: blocks 1..L-1 at ``tap``, then the final output.
 
     tap: "norm2" (the paper: the MLP input of each block) or "block" (the residual stream).
-    final: "norm" (the final LayerNorm, the paper) or "block" (the last block's raw output).
+    final: "norm" (the model's final norm, the paper) or "block" (the last block's raw output).
+    final_norm: the module that is the model's final norm: ``norm``, or ``fc_norm`` for a model
+    that normalises after pooling (applied here to every token of the last block).
     """
     suffix = {"norm2": ".norm2", "block": ""}[tap]
     names = [f"blocks.{i}{suffix}" for i in range(1, depth)]
-    names.append({"norm": "norm", "block": f"blocks.{depth - 1}"}[final])
+    names.append({"norm": final_norm, "block": f"blocks.{depth - 1}"}[final])
     return names
 
 
@@ -40,6 +47,7 @@ def create(cfg) -> nn.Module:
     """
     hub_embed = uses_hub_pos_embed(cfg)
     kwargs = dict(num_classes=0, **(cfg.get("model_kwargs") or {}))
+    refuse_untappable(cfg.name, kwargs)  # before any weights load
     if cfg.get("img_size") and not hub_embed:
         kwargs["img_size"] = cfg.img_size
     model = _with_weights(cfg, kwargs)
@@ -51,7 +59,15 @@ def create(cfg) -> nn.Module:
 def uses_hub_pos_embed(cfg) -> bool:
     """True where the paper's model interpolates its positional embeddings as the DINOv2 hub
     model does: a DINOv2 architecture with ``preprocess=paper``."""
-    return preprocess_mode(cfg) == "paper" and cfg.name.partition(".")[0].endswith("_dinov2")
+    return preprocess_mode(cfg) == "paper" and is_paper_dinov2(cfg.name)
+
+
+def refuse_untappable(name: str, kwargs: dict) -> None:
+    """NotTappable for a timm model the layer taps cannot serve, found on the meta device."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    embed_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or (224,)
+    check_tappable(model, name, kwargs.get("img_size") or embed_size[0])
 
 
 def _with_weights(cfg, kwargs: dict) -> nn.Module:
@@ -73,19 +89,37 @@ def _with_weights(cfg, kwargs: dict) -> nn.Module:
                          what=f"timm model {cfg.name}", key="backbone.weights")
 
 
-def tap_model(model: nn.Module, cfg) -> tuple[TappedBackbone, object]:
+def tap_model(model: nn.Module, cfg, transform=None) -> tuple[TappedBackbone, object]:
     """Hook a timm ViT at the configured taps; return it with its eval transform
-    (:func:`eval_transform`)."""
+    (:func:`eval_transform`, or ``transform`` where given: an OpenCLIP tower's preprocess).
+
+    The token rules come from the model (``token_facts``): no CLS without a class token; the
+    pool token where it has an attention-pool head (its ``forward_head`` output, pre-logits);
+    layer L at the model's final norm, ``fc_norm`` applied to every token where that is it.
+    """
     depth = len(model.blocks)
+    facts = token_facts(model)
+    final = cfg.get("final", "norm")
+    per_token_fc_norm = facts["final"] == "fc_norm" and final == "norm"
+
+    def run(images: torch.Tensor) -> torch.Tensor | None:
+        features = model.forward_features(images)
+        pooled = model.forward_head(features, pre_logits=True) if facts["pool_head"] else None
+        if per_token_fc_norm:
+            model.fc_norm(features)  # the tap records this call (after the pooled one)
+        return pooled
+
     tapped = TappedBackbone(
         model,
-        run=model.forward_features,
-        tap_names=tap_names(depth, cfg.get("tap", "norm2"), cfg.get("final", "norm")),
+        run=run if (facts["pool_head"] or per_token_fc_norm) else model.forward_features,
+        tap_names=tap_names(depth, cfg.get("tap", "norm2"), final, facts["final"]),
         num_prefix_tokens=model.num_prefix_tokens,
         dims=[model.embed_dim] * depth,
         patch_size=model.patch_embed.patch_size,
+        class_token=facts["class_token"],
+        pooled=facts["pool_head"],
     )
-    return tapped, eval_transform(model, cfg)
+    return tapped, transform if transform is not None else eval_transform(model, cfg)
 
 
 def eval_transform(model: nn.Module, cfg):

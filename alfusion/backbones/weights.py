@@ -8,7 +8,13 @@ Formats read for timm ViTs (``backbone.weights=FILE``):
   layout with the final ``norm``; decoder tensors (``decoder_*``, ``mask_token``) are dropped
   where a file has them;
 * timm's ``model.safetensors`` / ``pytorch_model.bin`` (a classifier head is dropped: the
-  backbone has none).
+  backbone has none);
+* an official layout that timm converts when it downloads the weights itself (Meta's DINOv3
+  ``dinov3_vit*16_pretrain_lvd1689m-*.pth``: ``storage_tokens``, ``ls1.gamma``, ``qkv.bias``;
+  Meta's PE ``visual.conv1...``; DINOv2 with registers; EVA-02's MIM checkpoints): where the
+  file does not fit the model as it is, timm's own ``checkpoint_filter_fn`` of the model's
+  architecture converts it, and the result must fit exactly. DINOv3 query/value biases that are
+  not zero are never dropped: a model built without them is refused (use the ``_qkvb`` name).
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: never executed. A file of
 another architecture is refused with the keys and shapes that differ and the config that fits.
@@ -137,7 +143,55 @@ def check_fits(state: dict[str, torch.Tensor], model: nn.Module, what: str, path
 
 
 def load_timm_vit_weights(model: nn.Module, path, what: str) -> None:
-    """Load a DINOv2, MAE or timm weights file into the timm ViT ``model`` (strict)."""
-    state = timm_vit_state_dict(read_state_dict(path), model)
-    check_fits(state, model, what, path)
+    """Load a DINOv2, MAE or timm weights file, or an official layout timm converts, into the
+    timm ViT ``model`` (strict)."""
+    raw = read_state_dict(path)
+    state = timm_vit_state_dict(raw, model)
+    try:
+        check_fits(state, model, what, path)
+    except WeightsMismatch as mismatch:
+        converted = timm_converted(raw, model)
+        if converted is None:
+            raise
+        state = timm_vit_state_dict(converted, model)
+        try:
+            check_fits(state, model, what, path)
+        except WeightsMismatch:
+            raise mismatch from None  # the file's own keys say more than timm's conversion
+        refuse_dropped_biases(raw, model, what, path)
     model.load_state_dict(state, strict=True)
+
+
+def timm_converted(state: dict[str, torch.Tensor], model: nn.Module
+                   ) -> dict[str, torch.Tensor] | None:
+    """``state`` through timm's ``checkpoint_filter_fn`` of the model's architecture (what
+    timm applies to the files it downloads), or None where there is none or it fails."""
+    import contextlib
+    import io
+    import sys
+
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # timm prints its probing of biases
+            out = convert(dict(state), model)
+    except Exception:  # noqa: BLE001 (a layout timm does not know: the first refusal stands)
+        return None
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def refuse_dropped_biases(state: dict[str, torch.Tensor], model: nn.Module, what: str,
+                          path) -> None:
+    """A DINOv3 file with non-zero qkv biases must not load into a model without them (timm's
+    conversion would drop them silently)."""
+    if "storage_tokens" not in state:  # not Meta's DINOv3 layout
+        return
+    params = dict(model.named_parameters())
+    lost = [k for k, v in state.items() if k.endswith("attn.qkv.bias") and bool(v.any())
+            and k not in params and k.replace("qkv.bias", "q_bias") not in params]
+    if lost:
+        raise WeightsMismatch(
+            f"backbone.weights={path} has non-zero attention biases ({lost[0]}, ...) that "
+            f"{what} has no parameters for: use the architecture with them (the timm name with "
+            "_qkvb, e.g. vit_base_patch16_dinov3_qkvb.lvd1689m)")

@@ -3,10 +3,11 @@
 An entry is a folder ``<root>/<name>-<hash>/`` holding ``meta.json`` (the fingerprint inputs in
 readable form, the row count and the array shapes) and one ``.npy`` file per array:
 
-    cls.npy     (N, L, D) float16   token 0 of every tapped layer
+    cls.npy     (N, L, D) float16   the class token of every tapped layer (where the model has one)
     ap.npy      (N, L, D) float16   mean patch token of every tapped layer
     tokens.npy  (N, L', T, D) float16   all tokens of the probe's L' layers (only when asked for)
     regions.npy (N, L, k*k, D) float16  k x k pooled patch regions of every layer (when asked)
+    pool.npy    (N, 1, D) float16   the pooling head's output (models with a MAP / attention pool)
     labels.npy  (N,)      int64
 
 The hash covers every fingerprint input, so features are never reused across settings. Entries
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ARRAYS = ("cls", "ap", "tokens", "regions", "labels")
+ARRAYS = ("cls", "ap", "tokens", "regions", "pool", "labels")
 HASH = "sha256"  # hashlib name; about 1.7 GB/s on one x86_64 core with SHA extensions
 
 

@@ -244,15 +244,16 @@ def token_layout(backbone, transform) -> dict:
     image = transform(Image.new("RGB", (256, 256)))[None]
     out = backbone(image, token_layers=[len(backbone.dims)])
     return dict(tokens_per_layer=int(out.tokens.shape[2]),
-                num_prefix_tokens=int(out.num_prefix_tokens),
+                num_prefix_tokens=int(out.num_prefix_tokens), class_token=out.cls is not None,
                 grid=list(out.grid) if out.grid else None)
 
 
 def bytes_per_image(token_set: TokenSet, num_layers: int, width: int,
-                    tokens_per_layer: int) -> int:
-    """fp16 bytes one image takes in the entry: CLS and AP (2 x L x D), plus all tokens of the
-    token set's layers (layers x T x D) or regions of every layer (L x k*k x D), plus its label."""
-    vectors = 2 * num_layers
+                    tokens_per_layer: int, class_token: bool = True, pooled: bool = False) -> int:
+    """fp16 bytes one image takes in the entry: CLS and AP (2 x L x D; AP alone without a class
+    token) and the pool token (D, with a pooling head), plus all tokens of the token set's
+    layers (layers x T x D) or regions of every layer (L x k*k x D), plus its label."""
+    vectors = (2 if class_token else 1) * num_layers + int(pooled)
     if token_set.token_layers:
         vectors += len(token_set.token_layers) * tokens_per_layer
     if token_set.has_regions:
@@ -268,7 +269,9 @@ def check_cache_budget(cfg, split: str, rows: int | None, token_set: TokenSet,
     ``extract.max_cache_gb`` (null: the disk decides); say by how much and what to do
     instead. Prints the size and the free space it checked."""
     per_image = bytes_per_image(token_set, len(backbone.dims), backbone.width,
-                                layout["tokens_per_layer"] if layout else 0)
+                                layout["tokens_per_layer"] if layout else 0,
+                                getattr(backbone, "class_token", True),
+                                getattr(backbone, "pooled", False))
     counts = {split: rows}
     for other in splits_to_extract(cfg):
         if other not in counts and not FeatureCache(cfg.paths.cache).paths(
@@ -309,12 +312,14 @@ ALTERNATIVES = ("alternatives: mode=end2end (no cache: tokens are computed in ea
 def cache_contents(token_set: TokenSet, layout: dict | None, backbone) -> str:
     """What an entry of ``token_set`` holds per image, in words."""
     L = len(backbone.dims)
+    vectors = ("CLS/AP" if getattr(backbone, "class_token", True) else "AP") + (
+        " + pool" if getattr(backbone, "pooled", False) else "")
     if token_set.token_layers:
         return (f"all tokens of layers {list(token_set.layers)} "
-                f"({layout['tokens_per_layer']} per layer) and CLS/AP of {L} layers")
+                f"({layout['tokens_per_layer']} per layer) and {vectors} of {L} layers")
     if token_set.has_regions:
-        return (f"{token_set.regions}x{token_set.regions} regions and CLS/AP of {L} layers")
-    return f"CLS/AP of {L} layers"
+        return (f"{token_set.regions}x{token_set.regions} regions and {vectors} of {L} layers")
+    return f"{vectors} of {L} layers"
 
 
 def existing_parent(path: Path) -> Path:
