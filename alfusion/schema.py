@@ -124,7 +124,8 @@ class Probe:
     layers: int | LAYER_SET | list[int] = setting(
         "one of all, last, middle_last, quarterly, a layer number or a list of layer numbers "
         "[i, j, ...] (1..L)", ok=at_least(1), each=True)
-    tokens: str = setting("cls, ap, cls+ap, all, or with regions (cls+ap+regions, ...)")
+    tokens: str = setting("cls, ap, cls+ap, all, with regions (cls+ap+regions, ...) or with the "
+                          "pool token (pool, ap+pool, cls+ap+pool)")
     regions: int | None = setting("null or k >= 1 (k x k patch regions per layer, e.g. 2 "
                                   "or 4)", ok=positive)
     num_heads: int | None = setting("null (the paper's rule) or an integer >= 1", ok=positive)
@@ -191,6 +192,9 @@ class Logger:
     artifact_location: str | None = setting("a folder or URI for the run's artifacts")
     run_name: str | None = setting("the MLflow run's name")
     tags: dict | None = setting("a mapping of tag names to values")
+    register_model: str | None = setting(
+        "null or a Model registry name (letters, digits, '.', '_', '-')",
+        ok=matches(r"[A-Za-z0-9][A-Za-z0-9._-]*"))
 
 
 @dataclass
