@@ -15,6 +15,13 @@ The features and recipe of bench_refit_speed (2,000 x 24 tokens x 384, C = 10, b
 
 Wall and process-CPU time are printed, and the load average before and after (other jobs on
 the machine slow both sides alike only when they last the whole run).
+
+``BENCH_PROFILE=1``: instead, where one fit's time goes. The fit runs once with timers on its
+parts (start-up until the first step, the steps, the checkpoint writes with their checksums,
+and the rest between steps: Lightning's loop, the loader, progress and logging), and
+torch.profiler records ``BENCH_PROFILE_STEPS`` (default 50) of its steps, whose operator time
+is split into the step's parts (matmuls, jitter draws, normalisation, AdamW and clipping, the
+data path, the rest of the forward and backward).
 ``python -m benchmarks fit_limit``; ``BENCH_THREADS=2`` (the issue's figure); short checks:
 ``BENCH_REFIT_STEPS=20``; ``BENCH_REFIT_PAPER_STEPS=K`` times the paper's first K steps and
 scales them (its steps are uniform).
@@ -24,11 +31,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+import alfusion.engine.module as engine_module
+from alfusion.engine import BankStep
 from alfusion.protocol import class_weights
 from benchmarks.bench_probe_speed import C, D, N, OurLoop, T
 from benchmarks.bench_refit_speed import PAPER_STEPS, STEPS, make, our_fit, paper_fit, timed
@@ -56,6 +67,86 @@ def step_flops(x, y, weights) -> int:
     return counter.get_total_flops()
 
 
+# The step's parts, by the operators torch.profiler records (self time).
+PARTS = {
+    "matmuls (forward and backward)": ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"),
+    "jitter draws (coins, noise, adding it)": ("aten::normal_", "aten::uniform_",
+                                               "aten::index_add_", "aten::nonzero"),
+    "token normalisation (LayerNorm)": ("aten::native_layer_norm",),
+    "AdamW and clipping": ("aten::_fused_adamw_", "aten::linalg_vector_norm", "aten::clamp",
+                           "aten::_foreach_norm"),
+    "batch gather": ("aten::index_select", "aten::index", "aten::randperm"),
+}
+
+
+class Timers:
+    """Wall seconds spent in wrapped functions, by name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.first_step: float | None = None
+
+    def wrap(self, name: str, fn):
+        def timed_fn(*args, **kwargs):
+            t0 = time.perf_counter()
+            if name == "steps" and self.first_step is None:
+                self.first_step = t0
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return timed_fn
+
+
+def profile_fit(x, y, profiled_steps: int) -> None:
+    """One fit with its parts timed, and ``profiled_steps`` of its steps under torch.profiler;
+    prints the breakdown."""
+    timers = Timers()
+    step, save = BankStep.step, engine_module.save_checkpoint
+    recorded: list = []
+    prof = profile(activities=[ProfilerActivity.CPU])
+
+    def step_with_profile(core, *args, **kwargs):
+        if len(recorded) == 5:  # after 5 warm steps
+            prof.start()
+        out = step(core, *args, **kwargs)
+        recorded.append(None)
+        if len(recorded) == 5 + profiled_steps:
+            prof.stop()
+        return out
+
+    BankStep.step = timers.wrap("steps", step_with_profile)
+    engine_module.save_checkpoint = timers.wrap("checkpoints", save)
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        our_fit(x, y)
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        BankStep.step, engine_module.save_checkpoint = step, save
+    start = timers.first_step - t0
+    steps, saves = timers.seconds["steps"], timers.seconds["checkpoints"]
+    print(f"  one fit: {total:.1f} s wall, {cpu:.1f} s CPU, {len(recorded)} steps "
+          f"({1e3 * steps / len(recorded):.1f} ms each)")
+    rest = total - start - steps - saves
+    for name, sec in [("start-up (config, Trainer, bank, until the first step)", start),
+                      ("the optimiser steps", steps),
+                      ("checkpoint writes and checksums", saves),
+                      ("between steps (Lightning's loop, loader, progress, logging)", rest)]:
+        print(f"    {name:62s} {sec:7.2f} s  {100 * sec / total:5.1f} %")
+    events = prof.key_averages()
+    own = {e.key: e.self_cpu_time_total for e in events}
+    whole = sum(own.values())
+    print(f"  the step, by operator ({profiled_steps} steps under torch.profiler, self time):")
+    counted = 0.0
+    for name, ops in PARTS.items():
+        part = sum(own.get(op, 0.0) for op in ops)
+        counted += part
+        print(f"    {name:62s} {part / profiled_steps / 1e3:7.2f} ms  {100 * part / whole:5.1f} %")
+    other = whole - counted
+    print(f"    {'the rest (elementwise, softmax, loss, autograd, Python)':62s} "
+          f"{other / profiled_steps / 1e3:7.2f} ms  {100 * other / whole:5.1f} %")
+
+
 def load() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -68,6 +159,10 @@ def main() -> dict:
     threads = torch.get_num_threads()
     print(f"One ALF fit at the machine's limit: N={N}, {T}x{D} tokens, C={C}, {STEPS} steps, "
           f"{threads} threads; load average {load()}", flush=True)
+    if os.environ.get("BENCH_PROFILE") == "1":
+        profile_fit(x, y, int(os.environ.get("BENCH_PROFILE_STEPS", 50)))
+        print(f"  load average {load()}")
+        return {}
     flops = step_flops(x, y, weights)
     rate_before = matmul_rate()
     print(f"  one step: {flops / 1e9:.3f} GFLOP; fp32 matmul rate {rate_before / 1e9:.1f} "
