@@ -123,11 +123,18 @@ def _per_probe(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def probe_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The total gradient norm of each probe, as clip_grad_norm_ computes it for that probe
+    alone: grads (G, ...) tensors -> (G,)."""
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)
+    return torch.linalg.vector_norm(norms, dim=1)
+
+
+@torch.no_grad()
 def clip_per_probe(grads: Sequence[torch.Tensor], max_norm: float = CLIP_NORM) -> torch.Tensor:
     """Scale each probe's gradients as torch.nn.utils.clip_grad_norm_ would for that probe
     alone. grads: (G, ...) tensors -> the per-probe total norms (G,) before clipping."""
-    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)
-    total = torch.linalg.vector_norm(norms, dim=1)
+    total = probe_norms(grads)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(_per_probe(coef, g))
@@ -152,6 +159,34 @@ def adamw_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
         p.add_(m.div(denom).mul_(_per_probe(-step_size, p)))
+
+
+def clip_divisors(grads: Sequence[torch.Tensor], max_norm: float = CLIP_NORM) -> torch.Tensor:
+    """Per probe, what its gradients are divided by to clip them at ``max_norm``
+    (clip_grad_norm_'s rule): (total norm + 1e-6) / max_norm where that exceeds 1, else 1.
+    grads: (G, ...) tensors -> (G,) float32. ``fused_adamw`` divides by it as it reads them."""
+    return ((probe_norms(grads) + 1e-6) / max_norm).clamp(min=1.0).float()
+
+
+@torch.no_grad()
+def fused_adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                step: torch.Tensor, lr: float, wd: float,
+                clip: torch.Tensor | None = None) -> None:
+    """One AdamW update of ONE probe's tensors, torch.optim.AdamW(fused=True)'s kernel: every
+    tensor read and written once (clipping, decay, both moments and the step in one pass).
+
+    step: a float32 tensor holding the step number after increment (1, 2, ...); lr, wd: the
+    probe's lr at this step and its weight decay (Python floats: the kernel forms 1 - lr * wd
+    and lr / (1 - beta1^step) in float64, as ``adamw_step`` does); clip: a one-element
+    float32 tensor, the gradients' divisor (``clip_divisors``), or None. Grads are
+    overwritten by their clipped values. Tensors must be contiguous."""
+    if not params:
+        return
+    torch._fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), [],
+                        [step] * len(params), lr=lr, beta1=BETAS[0], beta2=BETAS[1],
+                        weight_decay=wd, eps=ADAM_EPS, amsgrad=False, maximize=False,
+                        grad_scale=clip, found_inf=None)
 
 
 def non_finite(step: int, hp: HParams) -> NonFiniteLoss:

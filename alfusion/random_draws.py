@@ -43,14 +43,16 @@ class ProbeStream:
                ) -> torch.Tensor:
         """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p
         (``per_batch``: on the whole batch with probability p; ``off``: none), written into
-        ``out`` (B, ...) when given.
+        ``out`` (B, ...) when given (``out`` may be x itself: the noise is added in place).
 
         Noise is drawn for the chosen samples only: half the random numbers at p = 0.5.
         ``part`` (rank, world): x holds rows rank, rank + world, ... of a global batch of
         world x B rows (a data-parallel rank's share); the global batch's draws are made and
         this rank's rows kept, so the ranks together jitter as one process would."""
+        if out is not None and out is not x:
+            out.copy_(x)
         if p <= 0 or sigma <= 0 or mode == "off":
-            return x if out is None else out.copy_(x)
+            return x if out is None else out
         gen = self.generator
         rank, world = part
         n = x.shape[0] * world
@@ -62,7 +64,7 @@ class ProbeStream:
         if world > 1:
             mine = rows % world == rank
             rows, noise = rows[mine] // world, noise[mine]
-        out = x.clone() if out is None else out.copy_(x)
+        out = x.clone() if out is None else out
         return out.index_add_(0, rows, noise, alpha=sigma)
 
     def dropout(self, shape: Sequence[int], p: float, device: torch.device | str

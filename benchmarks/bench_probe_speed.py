@@ -99,7 +99,7 @@ class OurLoop:
 
     def step(self) -> None:
         xb, yb = next(self.it)
-        self.core.step(xb, yb)
+        self.core.step(xb, yb, owned=True)  # as fit_bank runs it: each batch a fresh copy
 
 
 def per_step(loop, steps: int) -> tuple[float, float]:

@@ -43,7 +43,7 @@ class TensorSteps:
             if e != epoch:
                 epoch, order = e, epoch_permutation(n, self.seed, e).to(self.y.device)
             idx = order[k * b:(k + 1) * b]
-            yield self.x[idx], self.y[idx]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
 def scoring_rows(bank: ProbeBank) -> int:
@@ -66,7 +66,7 @@ class RankSteps:
     def __iter__(self):
         for idx in self.batches:
             i = torch.as_tensor(idx, device=self.y.device)
-            yield self.x[i], self.y[i]
+            yield self.x.index_select(0, i), self.y.index_select(0, i)
 
 
 def write_audit(path: Path, rank: int, world: int, batch: int, indices: list[int]) -> None:

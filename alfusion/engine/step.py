@@ -30,13 +30,12 @@ import torch.distributed as dist
 from alfusion.probes.bank import ProbeBank
 from alfusion.probes.functional import normalise_tokens, probe_logits, weighted_loss
 from alfusion.protocol import (
-    BETAS,
     MIN_LR,
     HParams,
     NonFiniteLoss,
-    adamw_step,
-    clip_per_probe,
+    clip_divisors,
     cosine_lrs,
+    fused_adamw,
     non_finite,
 )
 from alfusion.random_draws import JITTER_MODES, ProbeStream, probe_seed
@@ -73,10 +72,8 @@ class BankStep:
         self.sync, self.part = sync, part
         self.streams = [ProbeStream(probe_seed(seed, hp), device) for hp in self.configs]
         self.shared_stream = ProbeStream(probe_seed(seed, None), device)
-        lrs = cosine_lrs([hp.lr for hp in self.configs], total_steps)
-        wd = torch.tensor([hp.wd for hp in self.configs], dtype=torch.float64)
-        self.decay = (1 - lrs * wd).float().to(device)  # (S, G)
-        self.lrs = lrs  # float64, the schedule
+        self.lrs = cosine_lrs([hp.lr for hp in self.configs], total_steps)  # (S, G) float64
+        self._step_t = torch.zeros((), device=device)  # the fused AdamW's step number
         self.names = list(bank.params)
         self.exp_avgs = [torch.zeros_like(bank.params[n]) for n in self.names]
         self.exp_avg_sqs = [torch.zeros_like(bank.params[n]) for n in self.names]
@@ -88,7 +85,6 @@ class BankStep:
             # The head's schedule scaled: the backbone keeps its lr ratio down to the floor.
             self.extra_lrs = cosine_lrs([hp.lr * extra_lr_scale], total_steps,
                                         MIN_LR * extra_lr_scale)
-            self.extra_decay = (1 - self.extra_lrs * hp.wd).float().to(device)
         self.first_bad_step = torch.full((len(bank),), -1, dtype=torch.long, device=device)
         self.losses = torch.zeros(total_steps, len(bank), device=device)
         self.step_count = 0
@@ -126,8 +122,10 @@ class BankStep:
 
     # -------------------------------------------------------------------------- the step
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,).
+        ``owned``: xb is this step's own copy (the engine's loaders make one per step), so
+        the shared jitter is added to it in place instead of to a copy.
 
         Pass by pass: forward, backward, clipping and AdamW of the pass's probes, so that
         their activations, gradients and optimiser state are touched while still in cache."""
@@ -137,19 +135,19 @@ class BankStep:
         if G == 0:  # this rank's share of a split grid is empty: it only keeps step
             self.step_count += 1
             return torch.empty(0, device=bank.device)
+        owned = owned and xb.dtype == torch.float32 and not xb.requires_grad
         xb = xb.float()
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
         self._shared_x = self._normalised(self.shared_stream.jitter(
-            xb, self.jitter_p, self.jitter_sigma, self.jitter, part=self.part)) \
-            if shared else None
+            xb, self.jitter_p, self.jitter_sigma, self.jitter, part=self.part,
+            out=xb if owned else None)) if shared else None
         total_weight = None
         if self.sync:  # the weighted mean over the global batch
             total_weight = self.weights[yb].sum()
             dist.all_reduce(total_weight)
         s = self.step_count
         self.step_count += 1
-        step_size = (self.lrs[s] / (1 - BETAS[0] ** self.step_count)).float().to(bank.device)
         losses = torch.empty(G, device=bank.device)
         for g0 in range(0, G, self.chunk):
             g1 = min(G, g0 + self.chunk)
@@ -168,7 +166,7 @@ class BankStep:
                 for grad in grads:
                     if grad is not None:
                         dist.all_reduce(grad)
-            self._update(grads, g0, g1, s, step_size)
+            self._update(grads, g0, g1, s)
         if self.sync:  # each rank's loss is its share of the global one
             dist.all_reduce(losses)
         # A diverged probe keeps training on NaNs without touching the others; remembered.
@@ -177,8 +175,9 @@ class BankStep:
         self.losses[s] = losses
         return losses
 
-    def _update(self, grads, g0: int, g1: int, s: int, step_size: torch.Tensor) -> None:
-        """Clip and AdamW-update probes g0 .. g1 - 1 (and the trainable backbone)."""
+    def _update(self, grads, g0: int, g1: int, s: int) -> None:
+        """Clip and AdamW-update probes g0 .. g1 - 1 (and the trainable backbone): per probe
+        one fused AdamW pass over its tensors, its clipping folded in."""
         n = len(self.names)
         probe_grads, extra_grads = grads[:n], grads[n:]
         # norm_k.bias cancels in the softmax: no gradient, so, as torch.optim does for a
@@ -187,19 +186,23 @@ class BankStep:
         extra = [(p, g.unsqueeze(0), m, v) for p, g, m, v in
                  zip(self.extra, extra_grads, self.extra_avgs, self.extra_avg_sqs, strict=True)
                  if g is not None]
-        clip_per_probe([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
-        adamw_step([self.bank.params[self.names[i]][g0:g1] for i in used],
-                   [probe_grads[i] for i in used],
-                   [self.exp_avgs[i][g0:g1] for i in used],
-                   [self.exp_avg_sqs[i][g0:g1] for i in used],
-                   self.step_count, self.decay[s, g0:g1], step_size[g0:g1])
+        divisors = clip_divisors([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
+        self._step_t.fill_(self.step_count)
+        # (g1 - g0) views of each tensor, one per probe; probe g's lists are then zipped.
+        rows = [[t.contiguous().unbind(0) for t in ts] for ts in (
+            [self.bank.params[self.names[i]][g0:g1] for i in used],
+            [probe_grads[i] for i in used],
+            [self.exp_avgs[i][g0:g1] for i in used],
+            [self.exp_avg_sqs[i][g0:g1] for i in used])]
+        lrs = self.lrs[s, g0:g1].tolist()
+        for k in range(g1 - g0):
+            p, grad, m, v = ([t[k] for t in ts] for ts in rows)
+            fused_adamw(p, grad, m, v, self._step_t, lrs[k], self.configs[g0 + k].wd,
+                        divisors[k])
         if extra:
-            size = (self.extra_lrs[s] / (1 - BETAS[0] ** self.step_count)).float()
-            adamw_step([p.data.unsqueeze(0) for p, _, _, _ in extra],
-                       [g for _, g, _, _ in extra],
-                       [m.unsqueeze(0) for _, _, m, _ in extra],
-                       [v.unsqueeze(0) for _, _, _, v in extra],
-                       self.step_count, self.extra_decay[s], size.to(self.bank.device))
+            fused_adamw([p.data for p, _, _, _ in extra], [g[0] for _, g, _, _ in extra],
+                        [m for _, _, m, _ in extra], [v for _, _, _, v in extra], self._step_t,
+                        float(self.extra_lrs[s, 0]), self.configs[0].wd, divisors[0])
 
     # -------------------------------------------------------------------------- results
 
