@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
+from conftest import compose_config, mlflow_runs, run_cli, run_cli_process, tiny_overrides
 from test_bank import clustered
 
 from alfusion import distributed
@@ -31,7 +31,7 @@ DDP_TINY = ["mode=end2end", "search.validate=false", "dataset.limit=64", "train.
 
 def test_two_process_ddp_run_equals_one_process(tmp_path):
     ddp_root, one_root = tmp_path / "ddp", tmp_path / "one"
-    run_cli(*tiny_overrides(ddp_root, *DDP_TINY, "trainer=ddp", "trainer.accelerator=cpu",
+    run_cli_process(*tiny_overrides(ddp_root, *DDP_TINY, "trainer=ddp", "trainer.accelerator=cpu",
                             "trainer.devices=2", "trainer.progress_bar=false",
                             f"hydra.run.dir={ddp_root}/run"))
     run_cli(*tiny_overrides(one_root, *DDP_TINY, f"hydra.run.dir={one_root}/run"))
@@ -92,7 +92,7 @@ def test_cached_ddp_through_the_cli_finishes_and_equals_one_process(tmp_path, se
     cache = f"paths.cache={tmp_path}/cache"  # extracted once, by the single-process run
     run_cli(*tiny_overrides(tmp_path / "one", *CACHED_TINY, f"search={search}", cache,
             f"hydra.run.dir={tmp_path}/one/run"), timeout=240)
-    ddp = run_cli(*tiny_overrides(tmp_path / "ddp", *CACHED_TINY, f"search={search}", cache,
+    ddp = run_cli_process(*tiny_overrides(tmp_path / "ddp", *CACHED_TINY, f"search={search}", cache,
                                   *DDP_CPU, f"hydra.run.dir={tmp_path}/ddp/run"), timeout=240)
     assert "Traceback" not in ddp.stderr, ddp.stderr[-3000:]
     one_res = json.loads((tmp_path / "one/run/results.json").read_text())
@@ -132,7 +132,7 @@ def test_streamed_cached_ddp_splits_every_batch_and_equals_one_process(tmp_path)
               cache]
     run_cli(*tiny_overrides(tmp_path / "one", *common, f"hydra.run.dir={tmp_path}/one/run"),
             timeout=240)
-    ddp = run_cli(*tiny_overrides(tmp_path / "ddp", *common, *DDP_CPU,
+    ddp = run_cli_process(*tiny_overrides(tmp_path / "ddp", *common, *DDP_CPU,
                                   f"hydra.run.dir={tmp_path}/ddp/run"), timeout=240)
     assert "streamed from the memory-mapped cache" in ddp.stdout
     ranks = [json.loads((tmp_path / f"ddp/run/samples/final_rank{r}.json").read_text())

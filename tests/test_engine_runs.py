@@ -62,7 +62,7 @@ def test_a_diverged_end2end_configuration_is_recorded_and_the_search_goes_on(tmp
 
 
 def test_ctrl_c_says_so_and_marks_the_run_killed_and_a_new_run_closes_the_orphan(tmp_path):
-    overrides = tiny_overrides(tmp_path, "search.validate=false", "train.min_steps=400",
+    overrides = tiny_overrides(tmp_path, "search.validate=false", "train.min_steps=40",
                                "train.checkpoint_every=2", f"hydra.run.dir={tmp_path}/run")
     _, code, output = signal_at_first_checkpoint(tmp_path / "run", *overrides,
                                                  sig=signal.SIGINT)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import mlflow
-from conftest import CONF, compose_config, run_cli, tiny_overrides
+from conftest import CONF, compose_config, run_cli_process, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
 
@@ -20,7 +20,7 @@ def runs_of(root) -> list:
 
 def test_sweep_of_four_jobs_and_a_failing_job(tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "probe=alf,linear", "seed=0,1",
+    run_cli_process("-m", *tiny_overrides(tmp_path, *CACHED, "probe=alf,linear", "seed=0,1",
                                   f"hydra.sweep.dir={sweep}"))
     runs = runs_of(tmp_path)
     assert len(runs) == 4
@@ -30,7 +30,7 @@ def test_sweep_of_four_jobs_and_a_failing_job(tmp_path):
     assert summary["completed"] == [0, 1, 2, 3] and summary["failed"] == []
 
     bad = tmp_path / "bad"  # a job that fails while it runs: its final fit diverges
-    proc = run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "probe=linear",
+    proc = run_cli_process("-m", *tiny_overrides(tmp_path, *CACHED, "probe=linear",
                                          "search.lr=0.01,1e20", f"hydra.sweep.dir={bad}"),
                    check=False)
     assert proc.returncode == 1  # the sweep ran to its end and reports the failure
@@ -45,7 +45,7 @@ def test_sweep_of_four_jobs_and_a_failing_job(tmp_path):
 
 
 def test_local_multirun_refuses_nested_ddp(tmp_path):
-    proc = run_cli("-m", *tiny_overrides(tmp_path, "trainer=ddp", "trainer.accelerator=cpu",
+    proc = run_cli_process("-m", *tiny_overrides(tmp_path, "trainer=ddp", "trainer.accelerator=cpu",
                                          "trainer.devices=2", f"hydra.sweep.dir={tmp_path}/s"),
                    check=False)
     assert proc.returncode == 1
@@ -74,7 +74,7 @@ def test_slurm_launcher_and_paper_table_compose():
 
 def test_a_refused_job_fails_in_one_line_and_the_sweep_still_summarises(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", *tiny_overrides(tmp_path, *CACHED, "search.lr=-1,0.01",
+    proc = run_cli_process("-m", *tiny_overrides(tmp_path, *CACHED, "search.lr=-1,0.01",
                                          f"hydra.sweep.dir={sweep}"),
                    check=False, full_error=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
