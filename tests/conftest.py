@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import filecmp
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +51,39 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+_store_template: list[Path] = []  # an empty MLflow store, made once per session
+
+
+def seed_mlflow_store(args) -> Path | None:
+    """Before a run whose MLflow store (``<paths.root>/mlflow.db``, the default) does not exist
+    yet: put there a copy of an empty store with MLflow's tables made. Making them runs
+    MLflow's schema migrations, seconds for each new store; a copy is what a store that other
+    runs created looks like. (Runs on a really new store: test_trust_tracking, test_cli.)
+    Returns the copy, or None."""
+    roots = [a.split("=", 1)[1] for a in args if a.startswith("paths.root=")]
+    if not roots or any(a.startswith("logger.") for a in args):
+        return None
+    db = Path(roots[-1]) / "mlflow.db"
+    if db.exists():
+        return None
+    if not _store_template:
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="alfusion-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # makes the tables
+        atexit.register(shutil.rmtree, template.parent, ignore_errors=True)
+        _store_template.append(template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_store_template[0], db)
+    return db
+
+
+def unseed_if_unused(db: Path | None) -> None:
+    """Remove a seeded store that the run did not write to (a refusal leaves nothing behind)."""
+    if db is not None and db.exists() and filecmp.cmp(db, _store_template[0], shallow=False):
+        db.unlink()
+
+
 def run_cli(*args: str, check: bool = True, full_error: bool = True,
             timeout: float | None = None) -> subprocess.CompletedProcess:
     """``python -m alfusion ARGS`` run in this process (alfusion.app.run: the CLI's composition,
@@ -59,6 +95,7 @@ def run_cli(*args: str, check: bool = True, full_error: bool = True,
     from alfusion.app import run
     from alfusion.config_check import ConfigError, full_errors, refusal_line
 
+    seeded = seed_mlflow_store(args)
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -78,6 +115,7 @@ def run_cli(*args: str, check: bool = True, full_error: bool = True,
             code = 1
         finally:
             _close_active_mlflow_runs()
+    unseed_if_unused(seeded)
     proc = subprocess.CompletedProcess(["alfusion", *args], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"alfusion {' '.join(args)} failed ({code}):\n"
@@ -145,6 +183,7 @@ def signal_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final",
     it go on, to handle a signal it can catch): (that checkpoint's path, the exit code, the
     output). A process that ends without reaching the checkpoint is returned as it ended."""
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    seed_mlflow_store(args)
     with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: output never blocks it
         proc = subprocess.Popen([sys.executable, "-c", STOP_AT_FIRST_CHECKPOINT, stage, *args],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
