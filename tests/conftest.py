@@ -175,6 +175,25 @@ runpy.run_module("alfusion", run_name="__main__", alter_sys=True)
 """
 
 
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = 900) -> bool:
+    """Wait until ``proc`` has stopped itself (SIGSTOP; True) or ended (False, its returncode
+    set). Both states last, so polling for them has no race; past ``timeout``, it is killed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return True
+        if pid:  # ended, and reaped here: Popen cannot read its status any more
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return False
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{proc.args[:3]}: neither stopped nor ended after "
+                                 f"{timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def signal_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final",
                                sig: int = signal.SIGKILL,
                                timeout: float = 900) -> tuple[Path, int, str]:
@@ -188,24 +207,12 @@ def signal_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final",
         proc = subprocess.Popen([sys.executable, "-c", STOP_AT_FIRST_CHECKPOINT, stage, *args],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 text=True)
-        deadline = time.monotonic() + timeout
-        while True:  # the state polled for (stopped or ended) lasts: no race
-            pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
-            if pid or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if pid and os.WIFSTOPPED(status):
+        if wait_until_stopped(proc, timeout):
             os.kill(proc.pid, sig)
             if sig != signal.SIGKILL:
                 os.kill(proc.pid, signal.SIGCONT)
-            code = proc.wait(timeout=timeout)
-        elif pid:  # ended (reaped above)
-            code = proc.returncode = os.waitstatus_to_exitcode(status)
-        else:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"alfusion {' '.join(args)}: no {stage} checkpoint after "
-                                 f"{timeout:.0f} s")
+            proc.wait(timeout=timeout)
+        code = proc.returncode
         out.seek(0)
         output = out.read()
     return run_dir / f"checkpoints/{stage}/last.rank0.pt", code, output
