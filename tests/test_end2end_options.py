@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 
 from alfusion.backbones import build_backbone
 from alfusion.data import build_dataset
+from alfusion.data.loaders import augment_transform
 from alfusion.data.wds_writer import write_digits_wds
 from alfusion.distributed import RankSlice
 from alfusion.end2end.encoder import TokenEncoder
-from alfusion.end2end.images import augment_transform
 from alfusion.engine import ImageData, fit_bank
 from alfusion.experiment import run_train
 from alfusion.probes import build_probe
