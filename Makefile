@@ -1,5 +1,5 @@
 # make run: install if needed, then the default experiment (ALF and the linear baseline)
-# make test: install if needed, then the test suite
+# make test: install if needed, then the whole test suite; it prints its 15 slowest tests
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,7 +24,7 @@ run: install
 	$(BIN)/python -m alfusion probe=linear search=quick
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from pathlib import Path
-
-import torch
 
 from alfusion import tracking
 from alfusion.analysis import hooks as analysis
@@ -15,11 +11,7 @@ from alfusion.api.mlflow_model import log_probe_model
 from alfusion.data import class_names
 from alfusion.data.extract import dataset_digest, load_or_extract
 from alfusion.distributed import is_global_zero, join_ranks, resolve_device, stop_ranks
-from alfusion.end2end.encoder import state_checksum
-from alfusion.end2end.run import build_encoder, image_inputs
-from alfusion.engine import TokenData
-from alfusion.engine.stream import StreamedTokens
-from alfusion.features import cached_inputs, split_tokens
+from alfusion.inputs import analysis_tokens, backbone_checksums, test_inputs, train_inputs
 from alfusion.metrics import classification_metrics, num_classes_of
 from alfusion.predict import run_predict
 from alfusion.probe_files import load_probe, refuse_overrides, save_probe, saved_probe
@@ -34,24 +26,6 @@ def probe_factory(cfg, token_set, dims, num_classes, num_tokens):
         return build_probe(cfg.probe, token_set, dims, num_classes, num_tokens,
                            attn_drop=hp.dropout)
     return make
-
-
-def train_inputs(cfg, device: torch.device) -> dict:
-    """The run's train and test data (TokenData from the cache, or ImageData through the
-    TokenEncoder), token set, sizes, and the encoder when images are fed."""
-    t0 = time.perf_counter()
-    if cfg.mode.name == "cached":
-        train, test, token_set, entry, storage = cached_inputs(cfg, device)
-        shape = train.sample_shape
-        num_tokens = shape[0] if len(shape) == 2 else token_set.num_tokens()
-        return dict(train=train, test=test, token_set=token_set, dims=entry.dims,
-                    num_tokens=num_tokens, encoder=None, storage=storage,
-                    seconds=time.perf_counter() - t0)
-    encoder, eval_tf = build_encoder(cfg)
-    inputs = image_inputs(cfg, encoder, eval_tf, device)
-    return dict(train=inputs.train, test=inputs.test, token_set=inputs.token_set,
-                dims=inputs.dims, num_tokens=inputs.num_tokens, encoder=encoder,
-                seconds=time.perf_counter() - t0)
 
 
 def run_train(cfg, run_dir: Path) -> dict:
@@ -127,10 +101,10 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
         grid=result.grid, run_dir=str(run_dir),
         mlflow_run_id=logger.run_id if logger else None)
     encoder = inputs["encoder"]
-    if encoder is not None:
-        summary["backbone_checksum"] = dict(start=encoder.pretrained_checksum,
-                                            end=state_checksum(encoder.backbone))
-        for when, value in summary["backbone_checksum"].items():
+    checksums = backbone_checksums(encoder)
+    if checksums is not None:
+        summary["backbone_checksum"] = checksums
+        for when, value in checksums.items():
             tracking.set_tag(logger, f"backbone_sha256_{when}", value)
     save_probe(run_dir / "probe.pt", probe, cfg, summary, inputs["dims"],
                encoder.backbone if encoder is not None and encoder.trainable else None)
@@ -152,24 +126,6 @@ def write_results(cfg, run_dir: Path, logger, result, inputs: dict, num_classes:
     return summary
 
 
-ANALYSIS_TOKENS_MAX_BYTES = 2 * 10**9
-
-
-def analysis_tokens(test, device: torch.device) -> torch.Tensor | None:
-    """The test tokens (N, T, D) the attention analyses read: cached ones in memory, streamed
-    ones read whole when they take at most 2 GB (else None: the analyses are skipped, said)."""
-    if isinstance(test, TokenData):
-        return test.x
-    if not isinstance(test, StreamedTokens):
-        return None
-    size = 4 * len(test) * math.prod(test.sample_shape)
-    if size <= ANALYSIS_TOKENS_MAX_BYTES:
-        return test.tokens(test.rows, device)
-    print(f"[alfusion] the test tokens take {size / 1e9:.3g} GB in memory: the attention "
-          "analyses of this streamed run are skipped", flush=True)
-    return None
-
-
 def run_evaluate(cfg, run_dir: Path) -> dict:
     """Score a saved probe (``probe_path=``: a file or an MLflow URI) on its test split,
     without training, with the backbone it was trained with (a fine-tuned one included) and
@@ -177,13 +133,7 @@ def run_evaluate(cfg, run_dir: Path) -> dict:
     refuse_overrides("evaluate")
     path, saved, saved_cfg = load_probe(cfg, run_dir)
     device = resolve_device(cfg.device)
-    if saved_cfg.mode.name == "cached":
-        x, y, token_set, _ = split_tokens(saved_cfg, "test", device)
-        test = TokenData(x, y)
-    else:
-        encoder, eval_tf = build_encoder(saved_cfg, saved.get("backbone_state_dict"))
-        test = image_inputs(saved_cfg, encoder, eval_tf, device, splits=("test",)).test
-        token_set = encoder.token_set
+    test, token_set = test_inputs(saved_cfg, saved.get("backbone_state_dict"), device)
     logits, labels = test.logits(saved_probe(saved, saved_cfg, token_set, device))
     metrics = classification_metrics(logits[0], labels, saved["num_classes"])
     metrics.pop("per_class_recall")

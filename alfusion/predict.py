@@ -26,8 +26,8 @@ from omegaconf import OmegaConf, open_dict
 from alfusion import tracking
 from alfusion.data import build_dataset, class_names, sample_keys, with_transform
 from alfusion.data.folder import PLAIN
+from alfusion.data.loaders import labels_of
 from alfusion.distributed import resolve_device
-from alfusion.end2end.images import labels_of
 from alfusion.end2end.run import build_encoder
 from alfusion.engine import ImageData, TokenData
 from alfusion.features import split_tokens

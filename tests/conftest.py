@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import filecmp
+import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
@@ -44,8 +51,89 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True,
-            full_error: bool = True) -> subprocess.CompletedProcess:
+_store_template: list[Path] = []  # an empty MLflow store, made once per session
+
+
+def seed_mlflow_store(args) -> Path | None:
+    """Before a run whose MLflow store (``<paths.root>/mlflow.db``, the default) does not exist
+    yet: put there a copy of an empty store with MLflow's tables made. Making them runs
+    MLflow's schema migrations, seconds for each new store; a copy is what a store that other
+    runs created looks like. (Runs on a really new store: test_trust_tracking, test_cli.)
+    Returns the copy, or None."""
+    roots = [a.split("=", 1)[1] for a in args if a.startswith("paths.root=")]
+    if not roots or any(a.startswith("logger.") for a in args):
+        return None
+    db = Path(roots[-1]) / "mlflow.db"
+    if db.exists():
+        return None
+    if not _store_template:
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="alfusion-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # makes the tables
+        atexit.register(shutil.rmtree, template.parent, ignore_errors=True)
+        _store_template.append(template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_store_template[0], db)
+    return db
+
+
+def unseed_if_unused(db: Path | None) -> None:
+    """Remove a seeded store that the run did not write to (a refusal leaves nothing behind)."""
+    if db is not None and db.exists() and filecmp.cmp(db, _store_template[0], shallow=False):
+        db.unlink()
+
+
+def run_cli(*args: str, check: bool = True, full_error: bool = True,
+            timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``python -m alfusion ARGS`` run in this process (alfusion.app.run: the CLI's composition,
+    run folder, config check and task), its printed output captured; returned as the finished
+    process would be. A refusal is exit status 2 and its one line on stderr (``full_error``:
+    as with HYDRA_FULL_ERROR=1, its traceback and status 1); an error, its traceback and status
+    1. For what needs the process boundary (signals, DDP, multirun, concurrent processes,
+    ``--help``) use ``run_cli_process``. (``timeout``: unused, kept for the same signature.)"""
+    from alfusion.app import run
+    from alfusion.config_check import ConfigError, full_errors, refusal_line
+
+    seeded = seed_mlflow_store(args)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run(list(args))
+        except ConfigError as error:
+            if full_error or full_errors():
+                traceback.print_exc()
+                code = 1
+            else:
+                print(refusal_line(error), file=sys.stderr)
+                code = 2
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            _close_active_mlflow_runs()
+    unseed_if_unused(seeded)
+    proc = subprocess.CompletedProcess(["alfusion", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"alfusion {' '.join(args)} failed ({code}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _close_active_mlflow_runs() -> None:
+    """A run that failed in this process may leave MLflow's active-run stack set (a separate
+    process would have ended it): clear it so the next run starts clean."""
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def run_cli_process(*args: str, cwd: Path = ROOT, timeout: float = 300, check: bool = True,
+                    full_error: bool = True) -> subprocess.CompletedProcess:
     """``python -m alfusion ARGS`` in a subprocess; returns the finished process.
     ``full_error``: tracebacks on (HYDRA_FULL_ERROR=1); off, as a user sees a refusal."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
@@ -67,21 +155,67 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("alfusion").experiment_id])
 
 
+# ``python -m alfusion ARGS`` that stops itself (SIGSTOP) right after writing the first
+# checkpoint of fit stage argv[1]: a signal sent then lands at that step however loaded the
+# machine is (the fit cannot go on, or finish, before it arrives).
+STOP_AT_FIRST_CHECKPOINT = """
+import os, runpy, signal, sys
+import alfusion.checkpoints as checkpoints
+
+save, stage, stopped = checkpoints.save_checkpoint, f"/checkpoints/{sys.argv.pop(1)}/", []
+
+def save_then_stop(state, path):
+    save(state, path)
+    if stage in str(path) and not stopped:
+        stopped.append(path)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+checkpoints.save_checkpoint = save_then_stop  # before the engine imports it
+runpy.run_module("alfusion", run_name="__main__", alter_sys=True)
+"""
+
+
+def wait_until_stopped(proc: subprocess.Popen, timeout: float = 900) -> bool:
+    """Wait until ``proc`` has stopped itself (SIGSTOP; True) or ended (False, its returncode
+    set). Both states last, so polling for them has no race; past ``timeout``, it is killed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid and os.WIFSTOPPED(status):
+            return True
+        if pid:  # ended, and reaped here: Popen cannot read its status any more
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return False
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{proc.args[:3]}: neither stopped nor ended after "
+                                 f"{timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def signal_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final",
-                               sig: int = signal.SIGKILL) -> tuple[Path, int, str]:
-    """Start ``python -m alfusion ARGS`` (its run folder ``run_dir``), send it ``sig`` as soon
-    as the first checkpoint of fit ``stage`` exists: (that checkpoint's path, the exit code,
-    the output)."""
+                               sig: int = signal.SIGKILL,
+                               timeout: float = 900) -> tuple[Path, int, str]:
+    """Run ``python -m alfusion ARGS`` (its run folder ``run_dir``) until it has written the
+    first checkpoint of fit ``stage`` and stopped itself there, then send it ``sig`` (and let
+    it go on, to handle a signal it can catch): (that checkpoint's path, the exit code, the
+    output). A process that ends without reaching the checkpoint is returned as it ended."""
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
-    proc = subprocess.Popen([sys.executable, "-m", "alfusion", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpt = run_dir / f"checkpoints/{stage}/last.rank0.pt"
-    deadline = time.monotonic() + 240
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    output = proc.communicate(timeout=120)[0]
-    return ckpt, proc.returncode, output
+    seed_mlflow_store(args)
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: output never blocks it
+        proc = subprocess.Popen([sys.executable, "-c", STOP_AT_FIRST_CHECKPOINT, stage, *args],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+        if wait_until_stopped(proc, timeout):
+            os.kill(proc.pid, sig)
+            if sig != signal.SIGKILL:
+                os.kill(proc.pid, signal.SIGCONT)
+            proc.wait(timeout=timeout)
+        code = proc.returncode
+        out.seek(0)
+        output = out.read()
+    return run_dir / f"checkpoints/{stage}/last.rank0.pt", code, output
 
 
 def kill_at_first_checkpoint(run_dir: Path, *args: str, stage: str = "final") -> Path:

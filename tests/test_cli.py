@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import mlflow
-from conftest import run_cli, tiny_overrides
+from conftest import run_cli, run_cli_process, tiny_overrides
 
 
 def finished_runs(root):
@@ -15,7 +15,7 @@ def finished_runs(root):
 
 def test_default_experiment_on_the_offline_vit_logs_a_finished_mlflow_run(tmp_path):
     # The default config (offline ViT-S/14, digits, ALF), shortened: 60 images per split.
-    proc = run_cli(f"paths.root={tmp_path}", "dataset.limit=60", "train.min_steps=20",
+    proc = run_cli_process(f"paths.root={tmp_path}", "dataset.limit=60", "train.min_steps=20",
                    "train.epochs=2", "trainer.progress_bar=false")
     assert "test balanced accuracy" in proc.stdout
     run_cli(f"paths.root={tmp_path}", "dataset.limit=60", "train.min_steps=20",
@@ -39,7 +39,7 @@ def test_default_experiment_on_the_offline_vit_logs_a_finished_mlflow_run(tmp_pa
 
 
 def test_help_lists_the_config_groups_and_their_options():
-    out = run_cli("--help").stdout
+    out = run_cli_process("--help").stdout
     for group, option in [("backbone", "dinov2_l"), ("backbone", "clip_b16"),
                           ("dataset", "digits"), ("probe", "alf"), ("probe", "linear"),
                           ("trainer", "cpu"), ("logger", "mlflow"), ("search", "paper")]:

@@ -1,5 +1,6 @@
-"""config_check: every bad setting fails through the real CLI in seconds, before extraction,
-naming the key; plain intents (a single learning rate) are normalised."""
+"""config_check: every bad setting fails in seconds, before extraction, naming the key (the
+CLI's run in this process; one real command for the one-line exit-2 path); plain intents (a
+single learning rate) are normalised."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import compose_config, run_cli, tiny_overrides
+from conftest import compose_config, run_cli, run_cli_process, tiny_overrides
 
 from alfusion.config_check import ConfigError, check_config, check_labels
 from alfusion.search import expand_grid
@@ -65,7 +66,7 @@ def test_bad_setting_is_refused_naming_the_key(overrides, key):
                                            (["probe.tokens=cls+ap+regions",
                                              "probe.regions=99"], "probe.regions")])
 def test_bad_setting_fails_in_seconds_before_extraction_naming_the_key(tmp_path, overrides, key):
-    """Through the real CLI: the check runs before any work (and before the run folder)."""
+    """The CLI's run: the check runs before any work (and before the run folder)."""
     root = tmp_path / "root"
     start = time.monotonic()
     proc = run_cli(*tiny_overrides(root, *overrides), check=False, timeout=60)
@@ -123,10 +124,13 @@ def test_a_train_split_with_one_class_is_refused():
     check_labels(np.array([0, 1, 1]), 10, "train")
 
 
-@pytest.mark.parametrize("override", ["search.lr=abc", "dataset.name=x/../../../ESCAPED"])
-def test_a_refusal_is_one_line_with_exit_status_2_and_leaves_no_run_folder(tmp_path, override):
+@pytest.mark.parametrize("override,cli", [("search.lr=abc", run_cli_process),
+                                          ("dataset.name=x/../../../ESCAPED", run_cli)],
+                         ids=["a real command", "in this process"])
+def test_a_refusal_is_one_line_with_exit_status_2_and_leaves_no_run_folder(tmp_path, override,
+                                                                            cli):
     root = tmp_path / "root"
-    proc = run_cli(*tiny_overrides(root, override), check=False, timeout=60, full_error=False)
+    proc = cli(*tiny_overrides(root, override), check=False, timeout=60, full_error=False)
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert line.splitlines() == [line] and line.startswith("[alfusion] ")

@@ -10,7 +10,13 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import compose_config, mlflow_runs, run_cli, tiny_overrides
+from conftest import (
+    compose_config,
+    mlflow_runs,
+    run_cli,
+    run_cli_process,
+    tiny_overrides,
+)
 from test_bank import clustered
 
 from alfusion import distributed
@@ -31,9 +37,9 @@ DDP_TINY = ["mode=end2end", "search.validate=false", "dataset.limit=64", "train.
 
 def test_two_process_ddp_run_equals_one_process(tmp_path):
     ddp_root, one_root = tmp_path / "ddp", tmp_path / "one"
-    run_cli(*tiny_overrides(ddp_root, *DDP_TINY, "trainer=ddp", "trainer.accelerator=cpu",
-                            "trainer.devices=2", "trainer.progress_bar=false",
-                            f"hydra.run.dir={ddp_root}/run"))
+    run_cli_process(*tiny_overrides(ddp_root, *DDP_TINY, "trainer=ddp",
+                                    "trainer.accelerator=cpu", "trainer.devices=2",
+                                    "trainer.progress_bar=false", f"hydra.run.dir={ddp_root}/run"))
     run_cli(*tiny_overrides(one_root, *DDP_TINY, f"hydra.run.dir={one_root}/run"))
 
     ranks = [json.loads((ddp_root / f"run/samples/final_rank{r}.json").read_text())
@@ -77,23 +83,23 @@ def test_streamed_webdataset_splits_into_equal_disjoint_rank_windows(tmp_path):
     assert sorted(digest(i) for i in shuffled) == sorted(parts[1])
 
 
-# Cached mode: 60 digits, 10 steps; the grid (none: 1 configuration, quick: 3) and the refit
-# (a bank of one) split over 2 ranks, so a rank often has no probe of its own.
+# Cached mode: 60 digits, 10 steps; the grid (search=quick: 3 configurations, 2 + 1) and the
+# refit (a bank of one: 1 + 0) split over 2 ranks, so a rank has no probe of its own.
 CACHED_TINY = ["train.min_steps=10", "train.epochs=1"]
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.progress_bar=false"]
 
 
-@pytest.mark.parametrize("search", ["none", "quick"])
-def test_cached_ddp_through_the_cli_finishes_and_equals_one_process(tmp_path, search):
+def test_cached_ddp_through_the_cli_finishes_and_equals_one_process(tmp_path):
     """The real CLI, 2 gloo processes, cached features: the run ends (no collective left
     unmatched when a rank has no configuration), MLflow says FINISHED only at the end, and the
     test metric is the single process's."""
     cache = f"paths.cache={tmp_path}/cache"  # extracted once, by the single-process run
-    run_cli(*tiny_overrides(tmp_path / "one", *CACHED_TINY, f"search={search}", cache,
-            f"hydra.run.dir={tmp_path}/one/run"), timeout=240)
-    ddp = run_cli(*tiny_overrides(tmp_path / "ddp", *CACHED_TINY, f"search={search}", cache,
-                                  *DDP_CPU, f"hydra.run.dir={tmp_path}/ddp/run"), timeout=240)
+    run_cli(*tiny_overrides(tmp_path / "one", *CACHED_TINY, "search=quick", cache,
+            f"hydra.run.dir={tmp_path}/one/run"))
+    ddp = run_cli_process(*tiny_overrides(tmp_path / "ddp", *CACHED_TINY, "search=quick", cache,
+                                          *DDP_CPU, f"hydra.run.dir={tmp_path}/ddp/run"),
+                          timeout=240)
     assert "Traceback" not in ddp.stderr, ddp.stderr[-3000:]
     one_res = json.loads((tmp_path / "one/run/results.json").read_text())
     ddp_res = json.loads((tmp_path / "ddp/run/results.json").read_text())
@@ -130,9 +136,8 @@ def test_streamed_cached_ddp_splits_every_batch_and_equals_one_process(tmp_path)
     cache = f"paths.cache={tmp_path}/cache"
     common = [*CACHED_TINY, "search=none", "train.stream=disk", "end2end.record_samples=true",
               cache]
-    run_cli(*tiny_overrides(tmp_path / "one", *common, f"hydra.run.dir={tmp_path}/one/run"),
-            timeout=240)
-    ddp = run_cli(*tiny_overrides(tmp_path / "ddp", *common, *DDP_CPU,
+    run_cli(*tiny_overrides(tmp_path / "one", *common, f"hydra.run.dir={tmp_path}/one/run"))
+    ddp = run_cli_process(*tiny_overrides(tmp_path / "ddp", *common, *DDP_CPU,
                                   f"hydra.run.dir={tmp_path}/ddp/run"), timeout=240)
     assert "streamed from the memory-mapped cache" in ddp.stdout
     ranks = [json.loads((tmp_path / f"ddp/run/samples/final_rank{r}.json").read_text())

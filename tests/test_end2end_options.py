@@ -9,15 +9,22 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, kill_at_first_checkpoint, mlflow_runs, run_cli, tiny_overrides
+from conftest import (
+    compose_config,
+    kill_at_first_checkpoint,
+    mlflow_runs,
+    run_cli,
+    run_cli_process,
+    tiny_overrides,
+)
 from torch.utils.data import DataLoader
 
 from alfusion.backbones import build_backbone
 from alfusion.data import build_dataset
+from alfusion.data.loaders import augment_transform
 from alfusion.data.wds_writer import write_digits_wds
 from alfusion.distributed import RankSlice
 from alfusion.end2end.encoder import TokenEncoder
-from alfusion.end2end.images import augment_transform
 from alfusion.engine import ImageData, fit_bank
 from alfusion.experiment import run_train
 from alfusion.probes import build_probe
@@ -97,7 +104,7 @@ def test_two_process_ddp_on_streamed_shards_gives_each_rank_its_own_shards(tmp_p
     """2-process gloo DDP over 4 shards of 16: rank 0 reads shards 0-1, rank 1 shards 2-3, the
     same number of rows and batches; one FINISHED MLflow run."""
     shards = write_digits_wds(tmp_path / "wds", train=64, test=16, shard_size=16)
-    run_cli(*tiny_overrides(tmp_path, *E2E, *DDP, "dataset=wds", f"dataset.root={shards}",
+    run_cli_process(*tiny_overrides(tmp_path, *E2E, *DDP, "dataset=wds", f"dataset.root={shards}",
                             f"hydra.run.dir={tmp_path}/run"))
     ranks = [json.loads((tmp_path / f"run/samples/final_rank{r}.json").read_text())
              for r in (0, 1)]

@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_config, run_cli, tiny_overrides
+from conftest import ROOT, compose_config, run_cli, tiny_overrides, wait_until_stopped
 from test_data_sources import http_root  # noqa: F401  (fixture)
 
 from alfusion.backbones import build_backbone
@@ -37,9 +36,10 @@ def assert_same_entry(a, b) -> None:
 
 
 # The killed process: the real extraction path (source, backbone, writer, extract) with a
-# transform slowed by the harness, so that the kill lands mid-way.
+# transform that stops the process (SIGSTOP) once 3 chunks are written: the kill lands mid-way
+# however loaded the machine is.
 KILLED_SCRIPT = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, signal, sys
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["ALFUSION_NO_PROGRESS"] = "1"
     sys.path.insert(0, sys.argv[1])
@@ -52,12 +52,14 @@ KILLED_SCRIPT = textwrap.dedent("""
     cfg = compose_config(*json.loads(sys.argv[2]))
     backbone, transform = build_backbone(cfg.backbone)
 
-    def slow(image):
-        time.sleep(0.04)
+    writer = EntryWriter(FeatureCache(cfg.paths.cache), feature_fingerprint(cfg, "train"))
+
+    def stop_after_three_chunks(image):
+        if len(writer.chunks()) >= 3:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return transform(image)
 
-    dataset = with_transform(build_dataset(cfg.dataset, "train"), slow)
-    writer = EntryWriter(FeatureCache(cfg.paths.cache), feature_fingerprint(cfg, "train"))
+    dataset = with_transform(build_dataset(cfg.dataset, "train"), stop_after_three_chunks)
     extract(backbone, dataset, writer, batch_size=4, chunk_rows=8)
     print("finished")
 """)
@@ -70,17 +72,17 @@ def test_sigkill_mid_extraction_then_rerun_resumes_to_identical_arrays(tmp_path)
     cfg = compose_config(*overrides)
     script = tmp_path / "killed.py"
     script.write_text(KILLED_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(ROOT / "tests"),
-                             json.dumps(overrides)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:  # a file, not a pipe: output never blocks the process
+        proc = subprocess.Popen([sys.executable, str(script), str(ROOT / "tests"),
+                                 json.dumps(overrides)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        assert wait_until_stopped(proc), log.read_text()[-2000:]
+        proc.kill()
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert "finished" not in log.read_text()
     writer = EntryWriter(FeatureCache(cfg.paths.cache), feature_fingerprint(cfg, "train"))
-    deadline = time.monotonic() + 120
-    while len(writer.chunks()) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    out, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, (out, err[-2000:])
-    assert "finished" not in out
 
     done = writer.done_rows()
     assert 24 <= done < 96 and done % 8 == 0

@@ -44,23 +44,35 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_finds_a_killed_run_in_a_folder_outside_paths_root(tmp_path):
-    run_dir, root = tmp_path / "run", tmp_path / "outputs"
-    args = [*tiny_overrides(root, "search=quick", "train.min_steps=40",
-                            "train.checkpoint_every=5"), f"hydra.run.dir={run_dir}"]
+# A grid of 3 configurations (search=quick), 40 steps, a checkpoint every 5 steps, cached features.
+GRID = ["search=quick", "train.min_steps=40", "train.checkpoint_every=5"]
+
+
+def test_a_grid_killed_midway_in_a_folder_outside_paths_root_resumes_to_the_uninterrupted_result(
+        tmp_path):
+    full, run_dir, root = tmp_path / "full", tmp_path / "run", tmp_path / "outputs"
+    run_cli(*tiny_overrides(full, *GRID, f"hydra.run.dir={full}/run"))
+    args = [*tiny_overrides(root, *GRID), f"hydra.run.dir={run_dir}"]
     ckpt = kill_at_first_checkpoint(run_dir, *args, stage="grid")
     step = torch.load(ckpt, weights_only=True)["step"]["step_count"]
     assert 0 < step < 40, step  # killed inside the grid
     [killed] = mlflow_runs(root)
+    assert killed.info.status == "RUNNING"
 
     proc = run_cli(*args, "resume=true")
     assert (f"resume=true: continuing the unfinished run in {run_dir} (MLflow run "
             f"{killed.info.run_id}; finished fits: none; grid from step {step})") in proc.stdout
     [run] = mlflow_runs(root)  # the same MLflow run, not a second one
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
-    results = json.loads((run_dir / "results.json").read_text())
-    assert len(results["grid"]) == 3 and results["fit"]["steps"] == 40
     assert not (root / "runs").exists()  # no new run folder under paths.root
+    resumed = json.loads((run_dir / "results.json").read_text())
+    uninterrupted = json.loads((full / "run/results.json").read_text())
+    assert len(resumed["grid"]) == 3 and resumed["fit"]["steps"] == 40
+    assert resumed["grid"] == uninterrupted["grid"]  # the same validation scores
+    assert resumed["chosen"] == uninterrupted["chosen"]
+    assert resumed["test"] == uninterrupted["test"]
+    assert run.data.metrics["test/bal_acc"] == uninterrupted["test"]["bal_acc"]
+    assert not (run_dir / "checkpoints/grid").exists()  # a finished stage leaves no checkpoint
 
 
 def test_a_plain_rerun_closes_the_killed_run_and_resume_leaves_no_stray_folder(tmp_path):

@@ -46,9 +46,16 @@ def test_two_runs_starting_together_on_a_new_database_both_log(tmp_path):
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """A plain file server that logs nothing (its request lines would join the run's stderr:
+    the run is in this process)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 def test_a_tracking_uri_that_answers_http_but_is_not_mlflow_is_refused(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             http.server.SimpleHTTPRequestHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{server.server_port}"
     try:

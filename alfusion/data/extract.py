@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm import tqdm
 
+from alfusion.console import tqdm_options
 from alfusion.data import build_dataset, dataset_identity, split_signature, with_transform
 from alfusion.data.cache import CacheEntry, EntryWriter, FeatureCache, fingerprint_hash
 from alfusion.data.wds import WebDatasetSource, part_of_stream
-from alfusion.engine.progress import tqdm_options
 from alfusion.tokens import TokenSet, backbone_arrays, build_token_set
 
 FORMAT_VERSION = 1  # bump when the meaning of stored arrays changes

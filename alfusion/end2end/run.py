@@ -13,8 +13,8 @@ from torch.utils.data import IterableDataset
 
 from alfusion.backbones import build_backbone
 from alfusion.data import build_dataset
+from alfusion.data.loaders import augment_transform, labels_of
 from alfusion.end2end.encoder import TokenEncoder
-from alfusion.end2end.images import augment_transform, labels_of
 from alfusion.engine import ImageData
 from alfusion.engine.data import STREAM_SPLIT_REFUSED
 from alfusion.search import expand_grid

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from alfusion.data.loaders import eval_loader, train_loader
 from alfusion.distributed import RankSampler, StepBatches
-from alfusion.end2end.images import eval_loader, train_loader
 from alfusion.probes.bank import ProbeBank
 from alfusion.protocol import BatchPlan, epoch_permutation
 

@@ -4,12 +4,11 @@ On a terminal: Lightning's tqdm bars. In a file, a pipe or a SLURM log every bar
 become text (two per optimiser step), so there ``ProgressLines``, a Lightning progress-bar
 callback, writes one line when a fit starts, one when it ends, and between them a line per
 10 % of the fit, at least 30 s apart (a fit shorter than that writes two lines). Feature
-extraction's tqdm bar follows the same rule (``tqdm_options``).
+extraction's tqdm bar follows the same rule (``alfusion.console.tqdm_options``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -17,13 +16,7 @@ from typing import TextIO
 
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-LINE_EVERY_S = 30.0
-LINE_EVERY_FRACTION = 0.1
-
-
-def on_terminal(stream: TextIO | None = None) -> bool:
-    stream = stream or sys.stdout
-    return hasattr(stream, "isatty") and stream.isatty()
+from alfusion.console import LINE_EVERY_FRACTION, LINE_EVERY_S, on_terminal
 
 
 def progress_callback(mode) -> ProgressBar | None:
@@ -35,16 +28,6 @@ def progress_callback(mode) -> ProgressBar | None:
     if mode == "bars" or (mode in (True, "auto") and on_terminal()):
         return TQDMProgressBar()
     return ProgressLines()
-
-
-def tqdm_options(total: int | None, stream: TextIO | None = None) -> dict:
-    """tqdm keyword arguments for a bar on ``stream`` (default stderr): none on a terminal;
-    otherwise a redraw per 10 % of ``total`` at least 30 s apart (tqdm needs both)."""
-    if on_terminal(stream or sys.stderr):
-        return {}
-    every = max(1, math.ceil(total * LINE_EVERY_FRACTION)) if total else 1
-    # maxinterval: tqdm's monitor thread would otherwise force a redraw every 10 s
-    return dict(mininterval=LINE_EVERY_S, miniters=every, maxinterval=math.inf)
 
 
 class ProgressLines(ProgressBar):
