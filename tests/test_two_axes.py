@@ -144,7 +144,7 @@ def test_cached_tokens_equal_the_live_encoders(tmp_path, probe):
         assert list(entry.array("tokens").shape) == [12, 4, 17, 192]
         assert tuple(cached.shape) == (12, 4 * 17, 192)
         assert entry.meta["token_layout"] == dict(tokens_per_layer=17, num_prefix_tokens=1,
-                                                  grid=[4, 4])
+                                                  class_token=True, grid=[4, 4])
     else:
         assert entry.meta["fingerprint"]["regions"] == 2
         assert list(entry.array("regions").shape) == [12, 8, 4, 192]
