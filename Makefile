@@ -24,7 +24,7 @@ run: install
 	$(BIN)/python -m alfusion probe=linear search=quick
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 lint: install
 	$(BIN)/ruff check .

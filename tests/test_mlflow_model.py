@@ -70,7 +70,7 @@ def test_the_model_folder(cli, store, tmp_path):
         assert f"{name}=={metadata.version(name)}" in requirements
     files = {p.relative_to(tmp_path / "model").as_posix() for p in (tmp_path / "model").rglob("*")}
     assert not [f for f in files if f.endswith(".pkl")]  # models from code: nothing unpickled
-    probe_pt = next((cli["root"] / "runs").glob("*/probe.pt"))
+    probe_pt = Path(cli["summary"]["run_dir"]) / "probe.pt"  # the CLI run's (not a later run's)
     assert (tmp_path / "model" / "artifacts" / "probe.pt").read_bytes() == probe_pt.read_bytes()
     assert cli["summary"]["model"]["uri"] == f"runs:/{cli['run_id']}/model"
 
