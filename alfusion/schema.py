@@ -277,7 +277,8 @@ class Settings:
     fewshot_k: int | None = setting(
         "null (all samples) or an integer >= 1 (K per class)", ok=positive)
     probe_path: str | None = setting(
-        "null, <run folder>/probe.pt or runs:/<MLflow run id>/probe.pt")
+        "null, <run folder>/probe.pt, runs:/<MLflow run id>/probe.pt or "
+        "models:/<registered name>/<version>")
     analysis: list[Literal["layers", "cka"]] | Literal["layers", "cka"] = setting(
         "[] or a list of layers, cka")
     cka: Cka = setting("the CKA analysis settings")

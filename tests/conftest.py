@@ -249,6 +249,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answering(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait until a local server started as ``proc`` answers ``url`` with 200; fail with the
+    end of its ``log`` when it exits first or does not answer within ``timeout`` seconds (a
+    bound for a broken start, not a timing the test depends on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the server for {url} did not start:\n"
+                                 + log.read_text()[-3000:])
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 with a SQLite store and a served artifact folder in a
@@ -265,18 +283,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n"
-                                   + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+        wait_until_answering(f"{url}/health", proc, root / "server.log", 120)
         yield url, root
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -286,3 +293,19 @@ def mlflow_server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The tiny CLI run of tests/api_runs.py (made once per session, its probe registered)."""
+    from api_runs import cli_run
+
+    return cli_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """What a fresh Python process gets from the Python API on that run (tests/api_runs.py)."""
+    from api_runs import fresh_process
+
+    return fresh_process(tmp_path_factory)

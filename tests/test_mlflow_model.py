@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from importlib import metadata
@@ -20,23 +19,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from api_runs import REGISTERED, cli_run, fresh_process
-from conftest import MLFLOW, free_port
+from api_runs import REGISTERED
+from conftest import MLFLOW, free_port, wait_until_answering
 from mlflow.models import Model
 
 import alfusion
 from alfusion import tracking
 from alfusion.config_check import MissingFile
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    return cli_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    return fresh_process(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +107,7 @@ def test_mlflow_models_serve_answers_an_image_post(cli, store, probe, tmp_path):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("mlflow models serve did not start:\n"
-                                     + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
+        wait_until_answering(f"{url}/ping", proc, tmp_path / "serve.log", 240)
         files = sorted(cli["images"].glob("*.png"))[:4]
         records = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files]
         answer = post(f"{url}/invocations", {"dataframe_records": records})

@@ -9,23 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from api_runs import cli_run, fresh_process
 from conftest import ROOT, tiny_overrides
 from PIL import Image
 
 import alfusion
 from alfusion.api.estimators import as_tokens
 from alfusion.config_check import ConfigError
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    return cli_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    return fresh_process(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
