@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from alfusion.distributed import adopt_ranks
+from alfusion.engine.host_memory import keep_freed_buffers
 from alfusion.engine.module import (
     BankModule,
     StepCheckpoint,
@@ -119,6 +120,7 @@ def fit_bank(configs: Sequence[HParams], make_probe: Callable[[HParams], nn.Modu
     per-layer analysis; ProbeBank.positions), trained in one pass.
     """
     configs = list(configs)
+    keep_freed_buffers()  # every step's large tensors reuse the last step's pages
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     images = data.encoder is not None  # end to end: images through the encoder
     data_parallel = data.parallel == "data"  # each rank reads its share of every batch

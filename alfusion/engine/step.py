@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from alfusion.probes.attentive_grads import attentive_loss_and_grads
 from alfusion.probes.bank import ProbeBank
 from alfusion.probes.functional import normalise_tokens, probe_logits, weighted_loss
 from alfusion.protocol import (
@@ -122,6 +123,14 @@ class BankStep:
 
     # -------------------------------------------------------------------------- the step
 
+    def _by_hand(self, x: torch.Tensor, probes: int) -> bool:
+        """Whether a pass takes the hand-derived gradients (probes/attentive_grads.py): one
+        attentive probe on fp32 CPU tokens, nothing synced over ranks, no trainable backbone
+        and no autocast; every other pass (GPU banks, bf16, DDP, fine-tuning) uses autograd."""
+        return (self.bank.kind == "attentive" and probes == 1 and not self.sync
+                and not self.extra and x.device.type == "cpu" and x.dtype == torch.float32
+                and not x.requires_grad and not torch.is_autocast_enabled("cpu"))
+
     def step(self, xb: torch.Tensor, yb: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,).
         ``owned``: xb is this step's own copy (the engine's loaders make one per step), so
@@ -154,13 +163,20 @@ class BankStep:
             x = self._inputs(xb, g0, g1)
             # Jitter first, then dropout: the order in which a lone probe draws from its stream.
             drop = self._dropout(xb.shape[0], xb.shape[1], g0, g1)
-            leaves = {n: bank.params[n][g0:g1].detach().requires_grad_() for n in self.names}
             buffers = {n: b[g0:g1] for n, b in bank.buffers.items()}
-            logits = probe_logits(bank.kind, bank.spec, leaves, buffers, x, True, drop,
-                                  normalised=True, sync_bn=self.sync)
-            loss = weighted_loss(logits, yb, self.weights, total_weight)
-            wrt = list(leaves.values()) + self.extra
-            grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
+            if self._by_hand(x, g1 - g0):
+                loss, named = attentive_loss_and_grads(
+                    bank.spec, {n: bank.params[n][g0:g1] for n in self.names}, buffers, x,
+                    yb, self.weights, None if drop is None else drop[0])
+                grads = [named.get(n) for n in self.names]
+            else:
+                leaves = {n: bank.params[n][g0:g1].detach().requires_grad_()
+                          for n in self.names}
+                logits = probe_logits(bank.kind, bank.spec, leaves, buffers, x, True, drop,
+                                      normalised=True, sync_bn=self.sync)
+                loss = weighted_loss(logits, yb, self.weights, total_weight)
+                wrt = list(leaves.values()) + self.extra
+                grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
             losses[g0:g1] = loss.detach()
             if self.sync:
                 for grad in grads:

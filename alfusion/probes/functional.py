@@ -60,6 +60,19 @@ def attention_weights(spec: AttentiveSpec, p: dict, xhat: torch.Tensor) -> torch
     return scores.float().softmax(dim=-1)
 
 
+@torch.no_grad()
+def update_running_stats(spec: AttentiveSpec, buffers: dict, mean: torch.Tensor,
+                         var: torch.Tensor, n: int) -> None:
+    """BatchNorm's running statistics after a training batch of n samples with (G, D) batch
+    mean and biased variance, as torch updates them (momentum, unbiased running variance,
+    counter)."""
+    m = spec.bn_momentum
+    rm, rv = buffers["bn.running_mean"], buffers["bn.running_var"]
+    rm.copy_(m * mean + (1 - m) * rm)
+    rv.copy_(m * var * (n / (n - 1)) + (1 - m) * rv)
+    buffers["bn.num_batches_tracked"].add_(1)
+
+
 def batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffers: dict,
                training: bool, spec: AttentiveSpec, sync: bool = False) -> torch.Tensor:
     """BatchNorm1d per probe on h (G, B, D), fp32; in training also updates the running
@@ -84,12 +97,7 @@ def batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffer
         else:
             mean, var = h.mean(1), h.var(1, unbiased=False)
             n_total = h.shape[1]
-        with torch.no_grad():
-            m = spec.bn_momentum
-            rm, rv = buffers["bn.running_mean"], buffers["bn.running_var"]
-            rm.copy_(m * mean + (1 - m) * rm)
-            rv.copy_(m * var * (n_total / (n_total - 1)) + (1 - m) * rv)
-            buffers["bn.num_batches_tracked"].add_(1)
+        update_running_stats(spec, buffers, mean, var, n_total)
     else:
         mean, var = buffers["bn.running_mean"], buffers["bn.running_var"]
     return (h - mean[:, None]) * torch.rsqrt(var[:, None] + spec.bn_eps) * weight[:, None] \

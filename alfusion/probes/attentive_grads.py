@@ -1,0 +1,118 @@
+"""One attentive probe's training loss and its gradients, derived by hand (no autograd).
+
+The same function as ``attentive_logits`` followed by ``weighted_loss`` in training mode,
+for a pass of one probe on fp32 tokens without a gradient (how every probe trains on the
+CPU: one probe per pass). Written out, the backward keeps every large tensor in the layout
+its matrix products read, takes no copies between them, and records no graph: about a tenth
+of a step less than autograd on the same math (docs/benchmarks.md). Autograd on
+``attentive_logits`` is its oracle (tests/test_attentive_grads.py).
+
+Shapes: B samples, T tokens, D token width, H heads of width E (A = H E), C classes. The
+forward, per sample b and head h (probes/attentive.py):
+
+    s[b,t,h] = u_h . xhat[b,t]               u: the query in token space (H, D)
+    a[b,:,h] = softmax_t(s[b,:,h]) * drop     (dropout multipliers, or none)
+    z[b,h]   = sum_t a[b,t,h] xhat[b,t]      (B, H, D)
+    o[b,h]   = W'_h z[b,h] + (sum_t a[b,t,h]) shift_h     W' = W_v diag(g_v), shift = W_v b_v
+    logits   = head(BN(proj(o)))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alfusion.probes.functional import AttentiveSpec, update_running_stats
+
+
+def _layer_norm_grad(g_out: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
+                     dim: int) -> torch.Tensor:
+    """The gradient through (x - mean) * rstd along ``dim``, given that output's gradient."""
+    return rstd * (g_out - g_out.mean(dim, keepdim=True)
+                   - xhat * (g_out * xhat).mean(dim, keepdim=True))
+
+
+def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.Tensor,
+                             y: torch.Tensor, weights: torch.Tensor,
+                             drop: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training step of one probe: p, buffers hold (1, *shape) tensors (a pass of one probe
+    of a ProbeBank); xhat (B, T, D) normalised tokens (``normalise_tokens``); y (B,) labels;
+    weights (C,) class weights; drop (B, H, T) dropout multipliers or None.
+
+    Returns (loss (1,), gradients: name -> (1, *shape)), the class-weighted cross-entropy and
+    its gradient for every parameter that has one (``norm_k.bias`` cancels in the softmax).
+    BatchNorm's running statistics in ``buffers`` are updated as in training mode."""
+    H, E, D = spec.heads, spec.head_dim, spec.dim
+    A = H * E
+    B, T, _ = xhat.shape
+    p = {k: v[0] for k, v in p.items()}
+    tokens = xhat.reshape(B * T, D)
+
+    # ---- forward
+    q0 = p["query"].reshape(D)
+    var, mean = torch.var_mean(q0, unbiased=False)
+    rstd_q = torch.rsqrt(var + spec.eps_q)
+    qhat = (q0 - mean) * rstd_q
+    qn = qhat * p["norm_q.weight"] + p["norm_q.bias"]
+    q = (p["q.weight"] @ qn).view(H, E)
+    w_k = p["k.weight"].view(H, E, D)
+    k_q = torch.bmm(q.unsqueeze(1), w_k).squeeze(1)  # (H, D): the query in token space
+    k_scale = p["norm_k.weight"] * spec.scale
+    u = k_q * k_scale
+    attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
+    drop = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
+    attn_d = attn if drop is None else attn * drop
+    z = torch.bmm(attn_d.transpose(1, 2), xhat)  # (B, H, D)
+    z_h = z.transpose(0, 1)  # (H, B, D) view: the per-head products read it in place
+    w_v = p["v.weight"].view(H, E, D)
+    w_v_g = w_v * p["norm_v.weight"]
+    shift = (w_v * p["norm_v.bias"]).sum(-1)  # (H, E)
+    mass = attn_d.sum(1)  # (B, H): sum_t a, 1 without dropout
+    o = torch.empty(B, H, E, dtype=xhat.dtype, device=xhat.device)
+    torch.bmm(z_h, w_v_g.transpose(1, 2), out=o.transpose(0, 1))
+    o = (o + mass[:, :, None] * shift).view(B, A)
+    pooled = torch.addmm(p["proj.bias"], o, p["proj.weight"].t())  # (B, D)
+    var_b, mean_b = torch.var_mean(pooled, 0, unbiased=False)
+    update_running_stats(spec, buffers, mean_b.unsqueeze(0), var_b.unsqueeze(0), B)
+    rstd_b = torch.rsqrt(var_b + spec.bn_eps)
+    normed = (pooled - mean_b) * rstd_b
+    h = normed * p["bn.weight"] + p["bn.bias"]
+    logits = torch.addmm(p["head.bias"], h, p["head.weight"].t())  # (B, C)
+    w_y = weights[y]
+    total = w_y.sum()
+    log_p = logits.float().log_softmax(-1)
+    loss = -(log_p.gather(1, y[:, None])[:, 0] * w_y).sum() / total
+
+    # ---- backward (g_name: the loss's gradient with respect to name)
+    g_logits = log_p.exp_()
+    g_logits[torch.arange(B, device=y.device), y] -= 1
+    g_logits *= (w_y / total)[:, None]
+    grads = {"head.weight": g_logits.t() @ h, "head.bias": g_logits.sum(0)}
+    g_h = g_logits @ p["head.weight"]
+    grads["bn.weight"], grads["bn.bias"] = (g_h * normed).sum(0), g_h.sum(0)
+    g_pooled = _layer_norm_grad(g_h * p["bn.weight"], normed, rstd_b, 0)
+    grads["proj.weight"], grads["proj.bias"] = g_pooled.t() @ o, g_pooled.sum(0)
+    g_o = (g_pooled @ p["proj.weight"]).view(B, H, E)
+    g_o_h = g_o.transpose(0, 1)  # (H, B, E) view
+    g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
+    g_w_v_g = torch.bmm(g_o_h.transpose(1, 2), z_h)  # (H, E, D)
+    g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
+    g_attn = torch.bmm(xhat, g_z.permute(1, 2, 0))  # (B, T, H)
+    g_attn += (g_o * shift).sum(-1)[:, None, :]  # through the mass
+    if drop is not None:
+        g_attn *= drop
+    g_s = attn * (g_attn - (g_attn * attn).sum(1, keepdim=True))  # through the softmax
+    g_u = g_s.view(B * T, H).t() @ tokens  # (H, D)
+    g_k_q = g_u * k_scale
+    grads["norm_k.weight"] = (g_u * k_q).sum(0) * spec.scale
+    grads["k.weight"] = (q[:, :, None] * g_k_q[:, None, :]).view(A, D)
+    g_q = torch.bmm(w_k, g_k_q[:, :, None]).view(A)
+    grads["q.weight"] = g_q[:, None] * qn
+    g_qn = p["q.weight"].t() @ g_q
+    grads["norm_q.weight"], grads["norm_q.bias"] = g_qn * qhat, g_qn
+    grads["query"] = _layer_norm_grad(g_qn * p["norm_q.weight"], qhat, rstd_q, 0).view(1, 1, D)
+    grads["v.weight"] = (g_w_v_g * p["norm_v.weight"] + g_shift[:, :, None] * p["norm_v.bias"]
+                         ).view(A, D)
+    grads["norm_v.weight"] = (g_w_v_g * w_v).sum((0, 1))
+    grads["norm_v.bias"] = (g_shift[:, :, None] * w_v).sum((0, 1))
+    return loss.view(1), {k: v.unsqueeze(0) for k, v in grads.items()}
