@@ -80,14 +80,16 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     logits = torch.addmm(p["head.bias"], h, p["head.weight"].t())  # (B, C)
     w_y = weights[y]
     total = w_y.sum()
-    log_p = logits.float().log_softmax(-1)
+    log_p = logits.log_softmax(-1)
     loss = -(log_p.gather(1, y[:, None])[:, 0] * w_y).sum() / total
 
     # ---- backward (g_name: the loss's gradient with respect to name)
     g_logits = log_p.exp_()
     g_logits[torch.arange(B, device=y.device), y] -= 1
     g_logits *= (w_y / total)[:, None]
-    grads = {"head.weight": g_logits.t() @ h, "head.bias": g_logits.sum(0)}
+    # (h^T g)^T, not g^T h: with C rows the product's rounding changes with torch's thread
+    # count, and a grid split over DDP ranks (a thread each) must train what one process does.
+    grads = {"head.weight": (h.t() @ g_logits).t(), "head.bias": g_logits.sum(0)}
     g_h = g_logits @ p["head.weight"]
     grads["bn.weight"], grads["bn.bias"] = (g_h * normed).sum(0), g_h.sum(0)
     g_pooled = _layer_norm_grad(g_h * p["bn.weight"], normed, rstd_b, 0)
