@@ -146,7 +146,7 @@ def profile_fit(x, y, profiled_steps: int) -> None:
         counted += part
         print(f"    {name:62s} {part / profiled_steps / 1e3:7.2f} ms  {100 * part / whole:5.1f} %")
     other = whole - counted
-    print(f"    {'the rest (elementwise, softmax, loss, autograd, Python)':62s} "
+    print(f"    {'the rest (elementwise, softmax, loss, Python)':62s} "
           f"{other / profiled_steps / 1e3:7.2f} ms  {100 * other / whole:5.1f} %")
 
 
