@@ -126,7 +126,8 @@ class BankStep:
     def _by_hand(self, x: torch.Tensor, probes: int) -> bool:
         """Whether a pass takes the hand-derived gradients (probes/attentive_grads.py): one
         attentive probe on fp32 CPU tokens, nothing synced over ranks, no trainable backbone
-        and no autocast; every other pass (GPU banks, bf16, DDP, fine-tuning) uses autograd."""
+        and no autocast; every other pass (GPU banks, bf16, data-parallel DDP, fine-tuning)
+        uses autograd."""
         return (self.bank.kind == "attentive" and probes == 1 and not self.sync
                 and not self.extra and x.device.type == "cpu" and x.dtype == torch.float32
                 and not x.requires_grad and not torch.is_autocast_enabled("cpu"))
