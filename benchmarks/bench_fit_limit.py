@@ -37,14 +37,12 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import alfusion.engine.module as engine_module
 from alfusion.engine import BankStep
-from alfusion.protocol import class_weights
-from benchmarks.bench_probe_speed import C, D, N, OurLoop, T
+from benchmarks.bench_probe_speed import C, D, N, OurLoop, T, features
 from benchmarks.bench_refit_speed import PAPER_STEPS, STEPS, make, our_fit, paper_fit, timed
 
 
@@ -148,14 +146,6 @@ def profile_fit(x, y, profiled_steps: int) -> None:
     other = whole - counted
     print(f"    {'the rest (elementwise, softmax, loss, Python)':62s} "
           f"{other / profiled_steps / 1e3:7.2f} ms  {100 * other / whole:5.1f} %")
-
-
-def features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The benchmark's features x (N, T, D), labels y (N,) and class weights (C,)."""
-    g = torch.Generator().manual_seed(0)
-    x = F.normalize(torch.randn(N, T, D, generator=g), dim=-1)
-    y = torch.arange(N) % C
-    return x, y, class_weights(y, C)
 
 
 def paper_in_fresh_process(threads: int) -> tuple[float, float]:

@@ -110,11 +110,17 @@ def per_step(loop, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def main(rounds: int = 12, steps: int = 5, warmup: int = 3) -> dict:
+def features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The speed benchmarks' features x (N, T, D), L2-normalised, labels y (N,) and class
+    weights (C,)."""
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(N, T, D, generator=g), dim=-1)
     y = torch.arange(N) % C
-    weights = class_weights(y, C)
+    return x, y, class_weights(y, C)
+
+
+def main(rounds: int = 12, steps: int = 5, warmup: int = 3) -> dict:
+    x, y, weights = features()
     make = lambda hp: AttentiveProbe(D, C, num_heads=T, attn_drop=hp.dropout)
     loops = dict(paper=PaperLoop(make, x, y, weights), ours=OurLoop(make, x, y, weights))
     for loop in loops.values():

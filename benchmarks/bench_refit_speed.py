@@ -27,13 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from alfusion.engine import TokenData, fit_bank
 from alfusion.probes import AttentiveProbe
-from alfusion.protocol import class_weights
-from benchmarks.bench_probe_speed import BATCH, HP, C, D, N, PaperLoop, T
+from benchmarks.bench_probe_speed import BATCH, HP, C, D, N, PaperLoop, T, features
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 STEPS = int(os.environ.get("BENCH_REFIT_STEPS", 1000))
@@ -68,10 +66,7 @@ def paper_fit(x, y, weights) -> None:
 
 
 def main() -> dict:
-    g = torch.Generator().manual_seed(0)
-    x = F.normalize(torch.randn(N, T, D, generator=g), dim=-1)
-    y = torch.arange(N) % C
-    weights = class_weights(y, C)
+    x, y, weights = features()
     print(f"One ALF fit, N={N}, {T}x{D} tokens, C={C}, batch {BATCH}, {STEPS} steps, "
           f"{torch.get_num_threads()} threads", flush=True)
     ours_before = timed(lambda: our_fit(x, y))
