@@ -14,8 +14,10 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from alfusion import native
 from alfusion.protocol import HParams
 
 JITTER_MODES = ("per_sample", "per_batch", "off")
@@ -39,33 +41,55 @@ class ProbeStream:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def jitter(self, x: torch.Tensor, p: float, sigma: float, mode: str = "per_sample",
-               out: torch.Tensor | None = None, part: tuple[int, int] = (0, 1)
-               ) -> torch.Tensor:
-        """x: (B, ...) -> x with N(0, sigma^2) noise on each whole sample with probability p
+               out: torch.Tensor | None = None, part: tuple[int, int] = (0, 1),
+               eps: float | None = None) -> torch.Tensor:
+        """x: (B, ..., D) -> x with N(0, sigma^2) noise on each whole sample with probability p
         (``per_batch``: on the whole batch with probability p; ``off``: none), written into
         ``out`` (B, ...) when given (``out`` may be x itself: the noise is added in place).
+        ``eps``: then each token is normalised (LayerNorm without affine along D, fp32).
 
-        Noise is drawn for the chosen samples only: half the random numbers at p = 0.5.
         ``part`` (rank, world): x holds rows rank, rank + world, ... of a global batch of
-        world x B rows (a data-parallel rank's share); the global batch's draws are made and
-        this rank's rows kept, so the ranks together jitter as one process would."""
+        world x B rows (a data-parallel rank's share); the coins are flipped for the global
+        batch and the noise is that of the rows' global positions, so the ranks together
+        jitter as one process would.
+
+        The noise: on the CPU (fp32), native/jitter.c computes it from Philox, keyed by one
+        64-bit draw of this stream and the sample's global row, fused with the normalisation
+        (a fifth of the time of torch's generator and LayerNorm); elsewhere (GPUs; no C
+        compiler) torch's generator draws it for the chosen samples. Either way half the
+        random numbers at p = 0.5: noise only for the chosen samples."""
         if out is not None and out is not x:
             out.copy_(x)
-        if p <= 0 or sigma <= 0 or mode == "off":
+        rows = None
+        if p > 0 and sigma > 0 and mode != "off":
+            rank, world = part
+            n = x.shape[0] * world
+            coins = 1 if mode == "per_batch" else n
+            chosen = torch.rand(coins, generator=self.generator, device=x.device) < p
+            rows = (chosen.expand(n) if mode == "per_batch" else chosen).nonzero()[:, 0]
+        if rows is None and eps is None:
             return x if out is None else out
-        gen = self.generator
-        rank, world = part
-        n = x.shape[0] * world
-        coins = 1 if mode == "per_batch" else n
-        chosen = torch.rand(coins, generator=gen, device=x.device) < p
-        rows = (chosen.expand(n) if mode == "per_batch" else chosen).nonzero()[:, 0]
-        noise = torch.randn((rows.numel(), *x.shape[1:]), generator=gen, device=x.device,
-                            dtype=x.dtype)
-        if world > 1:
-            mine = rows % world == rank
-            rows, noise = rows[mine] // world, noise[mine]
-        out = x.clone() if out is None else out
-        return out.index_add_(0, rows, noise, alpha=sigma)
+        target = x.clone() if out is None else out
+        if native.jitter_ready(target):
+            local = torch.full((x.shape[0],), -1, dtype=torch.int64)
+            if rows is not None:
+                mine = rows[rows % world == rank]
+                local[mine // world] = mine
+                key = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
+                return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps)
+            return target if eps is None else native.jitter_tokens_(target, local, 0, 0.0, eps)
+        if rows is not None:
+            noise = torch.randn((rows.numel(), *x.shape[1:]), generator=self.generator,
+                                device=x.device, dtype=x.dtype)
+            if world > 1:
+                mine = rows % world == rank
+                rows, noise = rows[mine] // world, noise[mine]
+            target.index_add_(0, rows, noise, alpha=sigma)
+        if eps is None:
+            return target
+        with torch.autocast(x.device.type, enabled=False):
+            normed = F.layer_norm(target.float(), target.shape[-1:], eps=eps)
+        return normed if out is None else out.copy_(normed)
 
     def dropout(self, shape: Sequence[int], p: float, device: torch.device | str
                 ) -> torch.Tensor | None:

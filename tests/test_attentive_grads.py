@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_attentive import SHAPES, random_probe
 
+from alfusion import native
 from alfusion.engine import BankStep
 from alfusion.probes import AttentiveProbe
 from alfusion.probes.attentive_grads import attentive_loss_and_grads
@@ -29,11 +32,13 @@ def autograd_loss_and_grads(bank: ProbeBank, buffers: dict, xhat, y, weights, dr
     return loss.detach(), dict(zip(leaves, grads, strict=True))
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "d{}h{}e{}t{}".format(*s))
-def test_hand_gradients_equal_autograd(shape, drop):
+def test_hand_gradients_equal_autograd(shape, drop, kernels):
     """Loss, every parameter's gradient and BatchNorm's running statistics, with every
-    parameter random and tokens off-centre, with and without dropout."""
+    parameter random and tokens off-centre, with and without dropout, with the native token
+    products (native/attention.c) and with torch's."""
     dim, heads, head_dim, tokens = shape
     seed = dim * 100 + heads
     bank = ProbeBank.from_probes([random_probe(dim, heads, head_dim, classes=5, drop=drop,
@@ -49,8 +54,10 @@ def test_hand_gradients_equal_autograd(shape, drop):
     ref_buffers = {k: v.clone() for k, v in bank.buffers.items()}
     ref_loss, ref = autograd_loss_and_grads(bank, ref_buffers, xhat, y, weights, mask)
     buffers = {k: v.clone() for k, v in bank.buffers.items()}
-    loss, grads = attentive_loss_and_grads(bank.spec, bank.params, buffers, xhat, y, weights,
-                                           mask)
+    assert native.attention_ready(xhat), "the attention kernel did not build (cc, -fopenmp)"
+    with native.off() if kernels == "torch" else contextlib.nullcontext():
+        loss, grads = attentive_loss_and_grads(bank.spec, bank.params, buffers, xhat, y,
+                                               weights, mask)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
     assert ref["norm_k.bias"] is None and "norm_k.bias" not in grads  # cancels in the softmax
     zero = ZERO | (set() if drop else ZERO_WITHOUT_DROPOUT)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from alfusion.probes.attentive_grads import attentive_loss_and_grads
 from alfusion.probes.bank import ProbeBank
-from alfusion.probes.functional import normalise_tokens, probe_logits, weighted_loss
+from alfusion.probes.functional import probe_logits, weighted_loss
 from alfusion.protocol import (
     MIN_LR,
     HParams,
@@ -92,22 +92,25 @@ class BankStep:
 
     # -------------------------------------------------------------------------- inputs
 
-    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
-        return normalise_tokens(self.bank.spec, x) if self.bank.kind == "attentive" else x
+    def _jittered(self, stream: ProbeStream, xb: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """xb (B, ...) jittered by ``stream``, attentive tokens normalised (in one native pass
+        on the CPU, random_draws.py), into ``out`` when given."""
+        eps = self.bank.spec.eps_kv if self.bank.kind == "attentive" else None
+        return stream.jitter(xb, self.jitter_p, self.jitter_sigma, self.jitter, out=out,
+                             part=self.part, eps=eps)
 
     def _inputs(self, xb: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
         """What each probe of the pass sees, attentive tokens normalised: (B, ...) shared by
         the bank (computed once per step) or (g, B, ...) with per-probe jitter."""
         if self._shared_x is not None:
             return self.bank.inputs(self._shared_x, g0, g1)
-        p, sigma, mode = self.jitter_p, self.jitter_sigma, self.jitter
         if g1 - g0 == 1:  # one probe: its own draw, on the cheaper shared-input path
-            return self._normalised(self.streams[g0].jitter(xb, p, sigma, mode,
-                                                            part=self.part))
+            return self._jittered(self.streams[g0], xb)
         out = torch.empty((g1 - g0, *xb.shape), dtype=xb.dtype, device=xb.device)
         for i, g in enumerate(range(g0, g1)):
-            self.streams[g].jitter(xb, p, sigma, mode, out=out[i], part=self.part)
-        return self._normalised(out)
+            self._jittered(self.streams[g], xb, out=out[i])
+        return out
 
     def _dropout(self, batch: int, num_tokens: int, g0: int, g1: int) -> torch.Tensor | None:
         if self.bank.kind != "attentive" or not any(self.bank.dropouts[g0:g1]):
@@ -149,9 +152,8 @@ class BankStep:
         xb = xb.float()
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
-        self._shared_x = self._normalised(self.shared_stream.jitter(
-            xb, self.jitter_p, self.jitter_sigma, self.jitter, part=self.part,
-            out=xb if owned else None)) if shared else None
+        self._shared_x = self._jittered(self.shared_stream, xb, out=xb if owned else None) \
+            if shared else None
         total_weight = None
         if self.sync:  # the weighted mean over the global batch
             total_weight = self.weights[yb].sum()

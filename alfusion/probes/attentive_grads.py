@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from alfusion import native
 from alfusion.probes.functional import AttentiveSpec, update_running_stats
 
 
@@ -59,15 +60,19 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     k_q = torch.bmm(q.unsqueeze(1), w_k).squeeze(1)  # (H, D): the query in token space
     k_scale = p["norm_k.weight"] * spec.scale
     u = k_q * k_scale
-    attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
-    drop = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
-    attn_d = attn if drop is None else attn * drop
-    z = torch.bmm(attn_d.transpose(1, 2), xhat)  # (B, H, D)
+    fused = native.attention_ready(xhat, u, drop)  # the token products in one kernel
+    drop_t = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
+    if fused:
+        attn, z, mass = native.attend_forward(xhat, u, drop)
+    else:
+        attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
+        attn_d = attn if drop is None else attn * drop_t
+        z = torch.bmm(attn_d.transpose(1, 2), xhat)  # (B, H, D)
+        mass = attn_d.sum(1)  # (B, H): sum_t a, 1 without dropout
     z_h = z.transpose(0, 1)  # (H, B, D) view: the per-head products read it in place
     w_v = p["v.weight"].view(H, E, D)
     w_v_g = w_v * p["norm_v.weight"]
     shift = (w_v * p["norm_v.bias"]).sum(-1)  # (H, E)
-    mass = attn_d.sum(1)  # (B, H): sum_t a, 1 without dropout
     o = torch.empty(B, H, E, dtype=xhat.dtype, device=xhat.device)
     torch.bmm(z_h, w_v_g.transpose(1, 2), out=o.transpose(0, 1))
     o = (o + mass[:, :, None] * shift).view(B, A)
@@ -103,11 +108,15 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
     g_w_v_g = torch.bmm(g_o_h.transpose(1, 2), z_h)  # (H, E, D)
     g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
-    g_attn = torch.bmm(xhat, g_z.permute(1, 2, 0))  # (B, T, H)
-    g_attn += (g_o * shift).sum(-1)[:, None, :]  # through the mass
-    if drop is not None:
-        g_attn *= drop
-    g_s = attn * (g_attn - (g_attn * attn).sum(1, keepdim=True))  # through the softmax
+    g_mass = (g_o * shift).sum(-1)  # (B, H)
+    if fused:
+        g_s = native.attend_backward(xhat, g_z, g_mass, attn, drop)
+    else:
+        g_attn = torch.bmm(xhat, g_z.permute(1, 2, 0))  # (B, T, H)
+        g_attn += g_mass[:, None, :]
+        if drop is not None:
+            g_attn *= drop_t
+        g_s = attn * (g_attn - (g_attn * attn).sum(1, keepdim=True))  # through the softmax
     g_u = g_s.view(B * T, H).t() @ tokens  # (H, D)
     g_k_q = g_u * k_scale
     grads["norm_k.weight"] = (g_u * k_q).sum(0) * spec.scale

@@ -1,0 +1,112 @@
+"""Native CPU kernels for the fit's hot spots, with torch's path as the fallback.
+
+jitter.c: the feature jitter's noise (Philox) and the tokens' LayerNorm in one pass;
+attention.c: the attentive probe's per-sample token products (scores, softmax, weighted
+sums and their gradient). Each computes what its caller's torch code computes, to float
+rounding; ``*_ready`` says whether the kernel is built (build.py: compiled on first use, cached;
+no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors (contiguous fp32
+on the CPU). Kernels use torch's thread count and give the same result for any thread count;
+torch.profiler sees each call as ``alfusion::<kernel>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+
+import torch
+from torch.profiler import record_function
+
+from alfusion.native.build import load
+
+_P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
+    "attention": {"attend_forward": [_P] * 6 + [_N] * 4 + [ctypes.c_int],
+                  "attend_backward": [_P] * 6 + [_N] * 4 + [ctypes.c_int]},
+}
+
+
+@functools.cache
+def library(name: str) -> ctypes.CDLL | None:
+    """The built library of ``<name>.c`` with its functions' signatures, or None."""
+    lib = load(name)
+    for function, argtypes in _SIGNATURES[name].items() if lib is not None else ():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = None
+    return lib
+
+
+_off = [False]
+
+
+@contextlib.contextmanager
+def off():
+    """Within: no kernel is ready, so callers take their torch path (an oracle for the
+    kernels, and what torch's FLOP counter sees). Not thread-safe: for tests and benchmarks."""
+    before, _off[0] = _off[0], True
+    try:
+        yield
+    finally:
+        _off[0] = before
+
+
+def _ready(name: str, *tensors: torch.Tensor | None) -> bool:
+    return not _off[0] and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+                             and t.is_contiguous()) for t in tensors) \
+        and library(name) is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def jitter_ready(x: torch.Tensor) -> bool:
+    return _ready("jitter", x)
+
+
+def jitter_tokens_(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
+                   eps: float | None) -> torch.Tensor:
+    """In place on x (B, ..., D): sample s gets sigma x the Philox noise of global row
+    rows[s] ((B,) int64; -1: none) under the 64-bit ``key``; then, with ``eps``, each token
+    (last dimension) is normalised: (v - mean) / sqrt(var + eps). Returns x."""
+    rows = rows.contiguous()
+    with record_function("alfusion::jitter_tokens"):
+        library("jitter").jitter_tokens(
+            x.data_ptr(), x.shape[0], x[0].numel(), x.shape[-1], rows.data_ptr(), key, sigma,
+            -1.0 if eps is None else eps, torch.get_num_threads())
+    return x
+
+
+def attention_ready(*tensors: torch.Tensor | None) -> bool:
+    return _ready("attention", *tensors)
+
+
+def attend_forward(x: torch.Tensor, u: torch.Tensor, drop: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, D) tokens, u (H, D) queries in token space, drop (B, H, T) or None ->
+    attn (B, T, H) softmax over T of x . u, z (B, H, D) = sum_t attn drop x,
+    mass (B, H) = sum_t attn drop."""
+    B, T, D = x.shape
+    H = u.shape[0]
+    attn, z, mass = x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H)
+    with record_function("alfusion::attend_forward"):
+        library("attention").attend_forward(
+            x.data_ptr(), u.data_ptr(), _ptr(drop), attn.data_ptr(), z.data_ptr(),
+            mass.data_ptr(), B, T, D, H, torch.get_num_threads())
+    return attn, z, mass
+
+
+def attend_backward(x: torch.Tensor, g_z: torch.Tensor, c: torch.Tensor, attn: torch.Tensor,
+                    drop: torch.Tensor | None) -> torch.Tensor:
+    """The scores' gradient (B, T, H): g_z (H, B, D) the gradient of z, c (B, H) the gradient
+    each weight gets through the mass; x, attn, drop as ``attend_forward``."""
+    B, T, D = x.shape
+    H = attn.shape[2]
+    g_s = x.new_empty(B, T, H)
+    with record_function("alfusion::attend_backward"):
+        library("attention").attend_backward(
+            x.data_ptr(), g_z.data_ptr(), c.data_ptr(), attn.data_ptr(), _ptr(drop),
+            g_s.data_ptr(), B, T, D, H, torch.get_num_threads())
+    return g_s

@@ -1,0 +1,90 @@
+"""Building the native kernels: each C file beside this module is compiled on first use with
+the machine's C compiler and loaded with ctypes.
+
+A build is cached under ``$ALFUSION_CACHE/native`` (default ``~/.cache/alfusion/native``), in a
+folder named by a hash of the source, the compiler, its flags and the CPU (the code is built
+for this CPU: ``-march=native``), written under a temporary name and renamed when complete, so
+concurrent first runs never load a partial library. Where no compiler works, ``load`` returns
+None and callers keep their torch path, which computes the same function (slower);
+``ALFUSION_NATIVE=0`` asks for the torch path everywhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# OpenMP: the library shares torch's runtime (libgomp.so.1, loaded with torch), so its threads
+# are torch's. -ffast-math lets the compiler call the vector log and cos of glibc's libmvec.
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lmvec", "-lm") if sys.platform.startswith("linux") else ("-lm",)
+
+
+def _cpu() -> str:
+    """What -march=native builds for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in info if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)),
+                None)
+
+
+def _build(source: Path, compiler: str) -> Path:
+    """The cached shared library of ``source``, compiled when absent."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = "\n".join([source.read_text(), compiler, version, *FLAGS, *LIBS, _cpu()])
+    root = os.environ.get("ALFUSION_CACHE")
+    folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "alfusion") / \
+        "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = folder / f"{source.stem}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, *LIBS],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip() or f"{compiler} exited with {done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The library of ``<name>.c`` in this folder, or None (no compiler, a failed build,
+    or ALFUSION_NATIVE=0): the caller's torch path then computes the same function."""
+    if os.environ.get("ALFUSION_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found (set CC): native %s kernels off, torch computes them", name)
+        return None
+    try:
+        return ctypes.CDLL(str(_build(Path(__file__).with_name(f"{name}.c"), compiler)))
+    except OSError as error:
+        log.warning("native %s kernels off (torch computes them): %s", name, error)
+        return None
+
+
