@@ -148,7 +148,8 @@ class BankStep:
         if G == 0:  # this rank's share of a split grid is empty: it only keeps step
             self.step_count += 1
             return torch.empty(0, device=bank.device)
-        owned = owned and xb.dtype == torch.float32 and not xb.requires_grad
+        # fp16 cached tokens become a new fp32 tensor here: this step's own too
+        owned = (owned or xb.dtype != torch.float32) and not xb.requires_grad
         xb = xb.float()
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0

@@ -113,8 +113,8 @@ void attend_forward(const float *x, const float *u, const float *drop, float *at
             const float *xb = x + b * T * D;
             float *a = attn + b * T * H;
             dots(xb, T, u, D, H, D, NULL, a);
-            for (int64_t h = 0; h < H; h++) top[h] = -INFINITY;
-            for (int64_t t = 0; t < T; t++)
+            for (int64_t h = 0; h < H; h++) top[h] = a[h];
+            for (int64_t t = 1; t < T; t++)
                 for (int64_t h = 0; h < H; h++) top[h] = fmaxf(top[h], a[t * H + h]);
             float *m = mass + b * H;
             for (int64_t h = 0; h < H; h++) m[h] = 0.0f;

@@ -26,9 +26,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # OpenMP: the library shares torch's runtime (libgomp.so.1, loaded with torch), so its threads
-# are torch's. -ffast-math lets the compiler call the vector log and cos of glibc's libmvec.
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
-LIBS = ("-lmvec", "-lm") if sys.platform.startswith("linux") else ("-lm",)
+# are torch's. -ffast-math lets the compiler call the vector log, cos and exp of glibc's libmvec.
+# Compiled and linked in two steps: linked with -ffast-math, the library would carry a
+# constructor that flushes denormals to zero in the thread that loads it, changing torch's
+# arithmetic there.
+COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c")
+LINK = ("-shared", "-fopenmp") + (("-lmvec", "-lm") if sys.platform.startswith("linux")
+                                  else ("-lm",))
 
 
 def _cpu() -> str:
@@ -49,7 +53,7 @@ def _compiler() -> str | None:
 def _build(source: Path, compiler: str) -> Path:
     """The cached shared library of ``source``, compiled when absent."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = "\n".join([source.read_text(), compiler, version, *FLAGS, *LIBS, _cpu()])
+    key = "\n".join([source.read_text(), compiler, version, *COMPILE, *LINK, _cpu()])
     root = os.environ.get("ALFUSION_CACHE")
     folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "alfusion") / \
         "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -59,15 +63,18 @@ def _build(source: Path, compiler: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    objects = tmp + ".o"
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, *LIBS],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise OSError(done.stderr.strip() or f"{compiler} exited with {done.returncode}")
+        for command in ([compiler, *COMPILE, str(source), "-o", objects],
+                        [compiler, objects, "-o", tmp, *LINK]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(done.stderr.strip() or f"{command[0]} exited with {done.returncode}")
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, objects):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 

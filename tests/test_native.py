@@ -1,6 +1,7 @@
-"""The CPU jitter kernel (alfusion/native/jitter.c): its Philox noise against an oracle written
-here in plain Python, its distribution, its LayerNorm, and the jitter it gives ProbeStream
-(ranks, threads, and torch's path where no compiler builds the kernel)."""
+"""The native CPU kernels' build (alfusion/native/build.py) and the jitter kernel (jitter.c):
+its Philox noise against an oracle written here in plain Python, its distribution, its
+LayerNorm, and the jitter it gives ProbeStream (ranks, threads, and torch's path where no
+compiler builds the kernel). The attention kernel: tests/test_attentive_grads.py."""
 
 from __future__ import annotations
 
@@ -149,3 +150,12 @@ def test_a_build_is_cached_and_reused_by_a_new_process(tmp_path):
         stats.append((built.name, built.stat().st_ino, built.stat().st_mtime_ns))
     assert stats[0] == stats[1] and stats[0][0] == "jitter.so"  # the second run built nothing
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_loading_the_kernels_leaves_torchs_arithmetic_alone(tmp_path):
+    """A library linked with -ffast-math would flush denormals to zero in the loading thread."""
+    code = ("import torch; from alfusion import native; "
+            "assert native.library('jitter') and native.library('attention'); "
+            "assert (torch.tensor([1e-39]) * 3).item() > 0, 'denormals flushed'")
+    env = {**os.environ, "ALFUSION_CACHE": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
