@@ -24,7 +24,7 @@ _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
     "attention": {"attend_forward": [_P] * 6 + [_N] * 4 + [ctypes.c_int],
-                  "attend_backward": [_P] * 6 + [_N] * 4 + [ctypes.c_int]},
+                  "attend_backward": [_P] * 7 + [_N] * 4 + [ctypes.c_int]},
 }
 
 
@@ -99,14 +99,15 @@ def attend_forward(x: torch.Tensor, u: torch.Tensor, drop: torch.Tensor | None
 
 
 def attend_backward(x: torch.Tensor, g_z: torch.Tensor, c: torch.Tensor, attn: torch.Tensor,
-                    drop: torch.Tensor | None) -> torch.Tensor:
-    """The scores' gradient (B, T, H): g_z (H, B, D) the gradient of z, c (B, H) the gradient
-    each weight gets through the mass; x, attn, drop as ``attend_forward``."""
+                    drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_s (B, T, H) the scores' gradient, g_u (H, D) = sum over samples of g_s^T x, the
+    queries' gradient): g_z (H, B, D) the gradient of z, c (B, H) the gradient each weight
+    gets through the mass; x, attn, drop as ``attend_forward``."""
     B, T, D = x.shape
     H = attn.shape[2]
-    g_s = x.new_empty(B, T, H)
+    g_s, g_u = x.new_empty(B, T, H), x.new_empty(H, D)
     with record_function("alfusion::attend_backward"):
         library("attention").attend_backward(
             x.data_ptr(), g_z.data_ptr(), c.data_ptr(), attn.data_ptr(), _ptr(drop),
-            g_s.data_ptr(), B, T, D, H, torch.get_num_threads())
-    return g_s
+            g_s.data_ptr(), g_u.data_ptr(), B, T, D, H, torch.get_num_threads())
+    return g_s, g_u

@@ -145,31 +145,50 @@ void attend_forward(const float *x, const float *u, const float *drop, float *at
     }
 }
 
-/* Backward to the scores. g_z (H, B, D) the gradient of z; c (B, H) what each weight's
- * gradient gains through the mass; attn, drop as forward. Out: g_s (B, T, H), the gradient
- * of the scores: with g = (x . g_z + c) x drop, g_s = attn (g - sum_t g attn). */
+/* Backward to the scores and the queries. g_z (H, B, D) the gradient of z; c (B, H) what
+ * each weight's gradient gains through the mass; attn, drop as forward. Out: g_s (B, T, H), the
+ * gradient of the scores: with g = (x . g_z + c) x drop, g_s = attn (g - sum_t g attn); and
+ * g_u (H, D) = sum_b g_s[b]^T x[b], the queries' gradient, summed in blocks of CHUNK samples and
+ * then over the blocks in order (so for any thread count alike). */
+#define CHUNK 16
 void attend_backward(const float *x, const float *g_z, const float *c, const float *attn,
-                     const float *drop, float *g_s, int64_t B, int64_t T, int64_t D, int64_t H,
-                     int threads) {
+                     const float *drop, float *g_s, float *g_u, int64_t B, int64_t T, int64_t D,
+                     int64_t H, int threads) {
+    int64_t chunks = (B + CHUNK - 1) / CHUNK;
+    float *partial = malloc(sizeof(float) * (size_t)(chunks * H * D));
 #pragma omp parallel num_threads(threads)
     {
         float *sum = malloc(sizeof(float) * (size_t)H);
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            float *g = g_s + b * T * H;
-            const float *a = attn + b * T * H;
-            dots(x + b * T * D, T, g_z + b * D, B * D, H, D, c + b * H, g);
-            if (drop) {
-                const float *db = drop + b * H * T;
+        for (int64_t k = 0; k < chunks; k++) {
+            int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
+            for (int64_t b = first; b < last; b++) {
+                float *g = g_s + b * T * H;
+                const float *a = attn + b * T * H;
+                dots(x + b * T * D, T, g_z + b * D, B * D, H, D, c + b * H, g);
+                if (drop) {
+                    const float *db = drop + b * H * T;
+                    for (int64_t t = 0; t < T; t++)
+                        for (int64_t h = 0; h < H; h++) g[t * H + h] *= db[h * T + t];
+                }
+                for (int64_t h = 0; h < H; h++) sum[h] = 0.0f;
                 for (int64_t t = 0; t < T; t++)
-                    for (int64_t h = 0; h < H; h++) g[t * H + h] *= db[h * T + t];
+                    for (int64_t h = 0; h < H; h++) sum[h] += g[t * H + h] * a[t * H + h];
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t h = 0; h < H; h++)
+                        g[t * H + h] = a[t * H + h] * (g[t * H + h] - sum[h]);
             }
-            for (int64_t h = 0; h < H; h++) sum[h] = 0.0f;
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t h = 0; h < H; h++) sum[h] += g[t * H + h] * a[t * H + h];
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t h = 0; h < H; h++) g[t * H + h] = a[t * H + h] * (g[t * H + h] - sum[h]);
+            /* the block's samples' tokens as one (rows, D) matrix */
+            weighted_sums(x + first * T * D, g_s + first * T * H, (last - first) * T, H, D,
+                          partial + k * H * D);
         }
         free(sum);
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < H * D; e++) {
+            float total = 0.0f;
+            for (int64_t k = 0; k < chunks; k++) total += partial[k * H * D + e];
+            g_u[e] = total;
+        }
     }
+    free(partial);
 }

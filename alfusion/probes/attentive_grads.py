@@ -110,14 +110,14 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
     g_mass = (g_o * shift).sum(-1)  # (B, H)
     if fused:
-        g_s = native.attend_backward(xhat, g_z, g_mass, attn, drop)
+        _, g_u = native.attend_backward(xhat, g_z, g_mass, attn, drop)
     else:
         g_attn = torch.bmm(xhat, g_z.permute(1, 2, 0))  # (B, T, H)
         g_attn += g_mass[:, None, :]
         if drop is not None:
             g_attn *= drop_t
         g_s = attn * (g_attn - (g_attn * attn).sum(1, keepdim=True))  # through the softmax
-    g_u = g_s.view(B * T, H).t() @ tokens  # (H, D)
+        g_u = g_s.view(B * T, H).t() @ tokens  # (H, D)
     g_k_q = g_u * k_scale
     grads["norm_k.weight"] = (g_u * k_q).sum(0) * spec.scale
     grads["k.weight"] = (q[:, :, None] * g_k_q[:, None, :]).view(A, D)
