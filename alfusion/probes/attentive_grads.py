@@ -4,8 +4,10 @@ The same function as ``attentive_logits`` followed by ``weighted_loss`` in train
 for a pass of one probe on fp32 tokens without a gradient (how every probe trains on the
 CPU: one probe per pass). Written out, the backward keeps every large tensor in the layout
 its matrix products read, takes no copies between them, and records no graph: about a tenth
-of a step less than autograd on the same math (docs/benchmarks.md). Autograd on
-``attentive_logits`` is its oracle (tests/test_attentive_grads.py).
+of a step less than autograd on the same math (docs/benchmarks.md). The per-sample token
+products (scores, softmax, the weighted token sums, and backward the scores' and queries'
+gradients) run in one native kernel each way where it is built (native/attention.c), in torch
+otherwise. Autograd on ``attentive_logits`` is the oracle of both (tests/test_attentive_grads.py).
 
 Shapes: B samples, T tokens, D token width, H heads of width E (A = H E), C classes. The
 forward, per sample b and head h (probes/attentive.py):
