@@ -71,13 +71,12 @@ class ProbeStream:
             return x if out is None else out
         target = x.clone() if out is None else out
         if native.jitter_ready(target):
-            local = torch.full((x.shape[0],), -1, dtype=torch.int64)
+            local, key = torch.full((x.shape[0],), -1, dtype=torch.int64), 0  # -1: no noise
             if rows is not None:
                 mine = rows[rows % world == rank]
                 local[mine // world] = mine
                 key = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
-                return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps)
-            return target if eps is None else native.jitter_tokens_(target, local, 0, 0.0, eps)
+            return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps)
         if rows is not None:
             noise = torch.randn((rows.numel(), *x.shape[1:]), generator=self.generator,
                                 device=x.device, dtype=x.dtype)

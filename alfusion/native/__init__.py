@@ -1,12 +1,13 @@
 """Native CPU kernels for the fit's hot spots, with torch's path as the fallback.
 
-jitter.c: the feature jitter's noise (Philox) and the tokens' LayerNorm in one pass;
-attention.c: the attentive probe's per-sample token products (scores, softmax, weighted
-sums and their gradient). Each computes what its caller's torch code computes, to float
-rounding; ``*_ready`` says whether the kernel is built (build.py: compiled on first use, cached;
-no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors (contiguous fp32
-on the CPU). Kernels use torch's thread count and give the same result for any thread count;
-torch.profiler sees each call as ``alfusion::<kernel>``.
+jitter.c: the feature jitter's noise and the tokens' LayerNorm in one pass (the noise from
+Philox, where the torch path in random_draws.py draws from torch's generator: the same
+distribution, other numbers); attention.c: the attentive probe's per-sample token products
+(scores, softmax, weighted sums and their gradients), what its caller's torch code computes,
+to float rounding. ``*_ready`` says whether the kernel is built (build.py: compiled on first
+use, cached; no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors
+(contiguous fp32 on the CPU). Kernels use torch's thread count and give the same result for
+any thread count; torch.profiler sees each call as ``alfusion::<kernel>``.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def off():
 
 
 def _ready(name: str, *tensors: torch.Tensor | None) -> bool:
-    return not _off[0] and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
-                             and t.is_contiguous()) for t in tensors) \
-        and library(name) is not None
+    takes = all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+                              and t.is_contiguous()) for t in tensors)
+    return not _off[0] and takes and library(name) is not None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

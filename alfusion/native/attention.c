@@ -1,6 +1,6 @@
 /* The attentive probe's per-sample token products on the CPU (probes/attentive_grads.py):
- * scores, softmax over tokens and the attention-weighted token sums forward; the scores'
- * gradient backward. Shapes: B samples of T tokens of width D, H heads.
+ * scores, softmax over tokens and the attention-weighted token sums forward; the scores' and
+ * the queries' gradients backward. Shapes: B samples of T tokens of width D, H heads.
  *
  * Every sample is computed by one thread from its own inputs, so the result does not depend
  * on the thread count. Register-blocked products: 4 x 4 outputs per pass over D. */
@@ -101,7 +101,7 @@ static void weighted_sums(const float *X, const float *A, int64_t T, int64_t H, 
 
 /* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; drop (B, H, T)
  * dropout multipliers or NULL. Out: attn (B, T, H) softmax over t, z (B, H, D) the sums of the
- * tokens weighted by attn x drop, mass (B, H) the sums of those weights. */
+ * tokens weighted by attn x drop, mass (B, H) the sums of those weights (1 without dropout). */
 void attend_forward(const float *x, const float *u, const float *drop, float *attn, float *z,
                     float *mass, int64_t B, int64_t T, int64_t D, int64_t H, int threads) {
 #pragma omp parallel num_threads(threads)
