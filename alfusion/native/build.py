@@ -5,7 +5,7 @@ A build is cached under ``$ALFUSION_CACHE/native`` (default ``~/.cache/alfusion/
 folder named by a hash of the source, the compiler, its flags and the CPU (the code is built
 for this CPU: ``-march=native``), written under a temporary name and renamed when complete, so
 concurrent first runs never load a partial library. Where no compiler works, ``load`` returns
-None and callers keep their torch path, which computes the same function (slower);
+None and callers keep their torch path (slower; native/__init__.py says what differs);
 ``ALFUSION_NATIVE=0`` asks for the torch path everywhere.
 """
 
@@ -50,10 +50,17 @@ def _compiler() -> str | None:
                 None)
 
 
+@functools.cache
+def _toolchain(compiler: str) -> str:
+    """What a build depends on besides its source: the compiler, its version, the flags, the
+    CPU (read once per process)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    return "\n".join([compiler, version, *COMPILE, *LINK, _cpu()])
+
+
 def _build(source: Path, compiler: str) -> Path:
     """The cached shared library of ``source``, compiled when absent."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = "\n".join([source.read_text(), compiler, version, *COMPILE, *LINK, _cpu()])
+    key = source.read_text() + "\n" + _toolchain(compiler)
     root = os.environ.get("ALFUSION_CACHE")
     folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "alfusion") / \
         "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -81,7 +88,7 @@ def _build(source: Path, compiler: str) -> Path:
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The library of ``<name>.c`` in this folder, or None (no compiler, a failed build,
-    or ALFUSION_NATIVE=0): the caller's torch path then computes the same function."""
+    or ALFUSION_NATIVE=0): the caller's torch path then takes over."""
     if os.environ.get("ALFUSION_NATIVE", "1") == "0":
         return None
     compiler = _compiler()
