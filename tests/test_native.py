@@ -116,6 +116,16 @@ def test_ranks_jitter_their_rows_as_one_process_does():
     assert 0 < touched.flatten(1).all(1).sum() < 12
 
 
+def test_tokens_that_need_a_gradient_are_jittered_and_normalised_by_torch():
+    """A trainable backbone's tokens: the kernel would write out of autograd's sight."""
+    x = torch.randn(8, 3, 16, requires_grad=True)
+    out = ProbeStream(0).jitter(x, 0.5, 0.05, eps=1e-6)
+    (out * torch.arange(16.0)).sum().backward()
+    # through the LayerNorm a shift of a token changes nothing: its gradient sums to 0
+    # (written in place by the kernel, the gradient would be the weights: sums of 120)
+    torch.testing.assert_close(x.grad.sum(-1), torch.zeros(8, 3), atol=1e-4, rtol=0)
+
+
 def test_without_a_compiler_torch_jitters_and_normalises(tmp_path, monkeypatch, caplog):
     """CC names a compiler that fails: the fit's jitter is torch's, with a warning."""
     failing = tmp_path / "cc"

@@ -6,8 +6,8 @@ distribution, other numbers); attention.c: the attentive probe's per-sample toke
 (scores, softmax, weighted sums and their gradients), what its caller's torch code computes,
 to float rounding. ``*_ready`` says whether the kernel is built (build.py: compiled on first
 use, cached; no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors
-(contiguous fp32 on the CPU). Kernels use torch's thread count and give the same result for
-any thread count; torch.profiler sees each call as ``alfusion::<kernel>``.
+(contiguous fp32 on the CPU, outside autograd). Kernels use torch's thread count and give the
+same result for any thread count; torch.profiler sees each call as ``alfusion::<kernel>``.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def off():
 
 
 def _ready(name: str, *tensors: torch.Tensor | None) -> bool:
+    # a kernel writes through data pointers, out of autograd's sight
     takes = all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
-                              and t.is_contiguous()) for t in tensors)
+                              and t.is_contiguous() and not t.requires_grad) for t in tensors)
     return not _off[0] and takes and library(name) is not None
 
 
