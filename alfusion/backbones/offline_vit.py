@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alfusion.user_cache import user_cache_dir
+
 if TYPE_CHECKING:  # timm is imported lazily: see load_offline_vit
     import onnx
     from timm.models import VisionTransformer
@@ -318,11 +320,6 @@ def cache_file_name(img_size: int) -> str:
     return f"offline_vit_s14_{int(img_size)}.pt"
 
 
-def _default_cache_dir() -> Path:
-    env = os.environ.get("ALFUSION_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "alfusion"
-
-
 def _atomic_torch_save(obj: object, path: Path) -> None:
     """Write ``obj`` to a temporary file in ``path``'s directory, then rename it into place.
 
@@ -386,7 +383,7 @@ def load_offline_vit(img_size: int = 224, cache_dir: str | Path | None = None) -
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
     model.default_cfg = model.pretrained_cfg  # timm keeps this alias in sync
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
     cache_path = cache / cache_file_name(img_size)
     state_dict = None
     if cache_path.is_file():

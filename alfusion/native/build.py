@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from alfusion.user_cache import user_cache_dir
+
 log = logging.getLogger(__name__)
 
 # OpenMP: the library shares torch's runtime (libgomp.so.1, loaded with torch), so its threads
@@ -61,9 +63,7 @@ def _toolchain(compiler: str) -> str:
 def _build(source: Path, compiler: str) -> Path:
     """The cached shared library of ``source``, compiled when absent."""
     key = source.read_text() + "\n" + _toolchain(compiler)
-    root = os.environ.get("ALFUSION_CACHE")
-    folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "alfusion") / \
-        "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = user_cache_dir() / "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
     target = folder / f"{source.stem}.so"
     if target.exists():
         return target
@@ -100,5 +100,3 @@ def load(name: str) -> ctypes.CDLL | None:
     except OSError as error:
         log.warning("native %s kernels off (torch computes them): %s", name, error)
         return None
-
-
