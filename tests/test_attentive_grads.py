@@ -39,18 +39,30 @@ def test_hand_gradients_equal_autograd(shape, drop, kernels):
     """Loss, every parameter's gradient and BatchNorm's running statistics, with every
     parameter random and tokens off-centre, with and without dropout, with the native token
     products (native/attention.c) and with torch's."""
+    check_hand_gradients(shape, drop, kernels, batch=12)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_kernel_blocks_and_their_remainders(drop):
+    """The kernels' register blocks and what is left beside them: 37 samples (two blocks of
+    16 and 5), 7 tokens, 6 heads of width 10, 100 features (one 64-wide block, then 16-wide
+    vectors and single floats)."""
+    check_hand_gradients((100, 6, 10, 7), drop, "native", batch=37)
+
+
+def check_hand_gradients(shape, drop, kernels, batch):
     dim, heads, head_dim, tokens = shape
     seed = dim * 100 + heads
     bank = ProbeBank.from_probes([random_probe(dim, heads, head_dim, classes=5, drop=drop,
                                                seed=seed)])
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, tokens, dim, generator=g) * 2 + 0.3
+    x = torch.randn(batch, tokens, dim, generator=g) * 2 + 0.3
     xhat = normalise_tokens(bank.spec, x)
-    y = torch.arange(12) % 5
+    y = torch.arange(batch) % 5
     weights = class_weights(y, 5) * torch.linspace(0.5, 1.5, 5)
     mask = None
     if drop:
-        mask = (torch.rand(12, heads, tokens, generator=g) >= drop).float() / (1 - drop)
+        mask = (torch.rand(batch, heads, tokens, generator=g) >= drop).float() / (1 - drop)
     ref_buffers = {k: v.clone() for k, v in bank.buffers.items()}
     ref_loss, ref = autograd_loss_and_grads(bank, ref_buffers, xhat, y, weights, mask)
     buffers = {k: v.clone() for k, v in bank.buffers.items()}

@@ -24,8 +24,8 @@ from alfusion.native.build import load
 _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
-    "attention": {"attend_forward": [_P] * 6 + [_N] * 4 + [ctypes.c_int],
-                  "attend_backward": [_P] * 7 + [_N] * 4 + [ctypes.c_int]},
+    "attention": {"attend_forward": [_P] * 8 + [_N] * 5 + [ctypes.c_int],
+                  "attend_backward": [_P] * 7 + [_N] * 5 + [ctypes.c_int]},
 }
 
 
@@ -85,31 +85,33 @@ def attention_ready(*tensors: torch.Tensor | None) -> bool:
     return _ready("attention", *tensors)
 
 
-def attend_forward(x: torch.Tensor, u: torch.Tensor, drop: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, T, D) tokens, u (H, D) queries in token space, drop (B, H, T) or None ->
-    attn (B, T, H) softmax over T of x . u, z (B, H, D) = sum_t attn drop x,
-    mass (B, H) = sum_t attn drop."""
+def attend_forward(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, drop: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, T, D) tokens, u (H, D) queries in token space, w (H, E, D) value weights,
+    drop (B, H, T) or None -> attn (B, T, H) softmax over T of x . u, z (B, H, D) =
+    sum_t attn drop x, mass (B, H) = sum_t attn drop, o (B, H, E) = w_h z[:, h]."""
     B, T, D = x.shape
-    H = u.shape[0]
-    attn, z, mass = x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H)
+    H, E, _ = w.shape
+    attn, z, mass, o = (x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H),
+                        x.new_empty(B, H, E))
     with record_function("alfusion::attend_forward"):
         library("attention").attend_forward(
-            x.data_ptr(), u.data_ptr(), _ptr(drop), attn.data_ptr(), z.data_ptr(),
-            mass.data_ptr(), B, T, D, H, torch.get_num_threads())
-    return attn, z, mass
+            x.data_ptr(), u.data_ptr(), w.data_ptr(), _ptr(drop), attn.data_ptr(),
+            z.data_ptr(), mass.data_ptr(), o.data_ptr(), B, T, D, H, E,
+            torch.get_num_threads())
+    return attn, z, mass, o
 
 
-def attend_backward(x: torch.Tensor, g_z: torch.Tensor, c: torch.Tensor, attn: torch.Tensor,
-                    drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_s (B, T, H) the scores' gradient, g_u (H, D) = sum over samples of g_s^T x, the
-    queries' gradient): g_z (H, B, D) the gradient of z, c (B, H) the gradient each weight
-    gets through the mass; x, attn, drop as ``attend_forward``."""
+def attend_backward(x: torch.Tensor, g_o: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
+                    attn: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """g_u (H, D), the queries' gradient: sum over samples of g_s^T x, where g_s (B, T, H) is
+    the scores' gradient given g_o (B, H, E), the gradient of o, and c (B, H), the gradient
+    each weight gets through the mass; x, w, attn, drop as ``attend_forward``."""
     B, T, D = x.shape
-    H = attn.shape[2]
-    g_s, g_u = x.new_empty(B, T, H), x.new_empty(H, D)
+    H, E, _ = w.shape
+    g_u = x.new_empty(H, D)
     with record_function("alfusion::attend_backward"):
         library("attention").attend_backward(
-            x.data_ptr(), g_z.data_ptr(), c.data_ptr(), attn.data_ptr(), _ptr(drop),
-            g_s.data_ptr(), g_u.data_ptr(), B, T, D, H, torch.get_num_threads())
-    return g_s, g_u
+            x.data_ptr(), g_o.data_ptr(), w.data_ptr(), c.data_ptr(), attn.data_ptr(),
+            _ptr(drop), g_u.data_ptr(), B, T, D, H, E, torch.get_num_threads())
+    return g_u

@@ -1,9 +1,11 @@
-/* The attentive probe's per-sample token products on the CPU (probes/attentive_grads.py):
- * scores, softmax over tokens and the attention-weighted token sums forward; the scores' and
- * the queries' gradients backward. Shapes: B samples of T tokens of width D, H heads.
+/* The attentive probe's per-sample products on the CPU (probes/attentive_grads.py): scores,
+ * softmax over tokens, the attention-weighted token sums and the heads' value products
+ * forward; the value products' and scores' gradients and the queries' gradient backward.
+ * Shapes: B samples of T tokens of width D, H heads of width E.
  *
- * Every sample is computed by one thread from its own inputs, so the result does not depend
- * on the thread count. Register-blocked products: 4 x 4 outputs per pass over D. */
+ * Every sample is computed by one thread from its own inputs, in blocks of samples fixed
+ * whatever the thread count, so the result does not depend on it. Register-blocked
+ * products: 4 x 4 outputs (dot products) or 4 rows x 4 vectors (sums of rows) at a time. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,36 +35,72 @@ static float dot(const float *x, const float *y, int64_t D) {
     return s;
 }
 
-/* out[t H + h] = X[t] . Y[h] + (add ? add[h] : 0): X (T, D) rows, Y row h at Y + h ldy. */
-static void dots(const float *X, int64_t T, const float *Y, int64_t ldy, int64_t H, int64_t D,
-                 const float *add, float *out) {
-    int64_t t = 0, Dv = D - D % VL;
-    for (; t + 4 <= T; t += 4) {
-        int64_t h = 0;
-        for (; h + 4 <= H; h += 4) {
+/* out[r ldo + c] = X[r ldx] . Y[c ldy] + (add ? add[c] : 0), rows of length D: R x C dot
+ * products, 4 x 4 per pass over D. */
+static void dots(const float *X, int64_t ldx, int64_t R, const float *Y, int64_t ldy, int64_t C,
+                 int64_t D, const float *add, float *out, int64_t ldo) {
+    int64_t r = 0, Dv = D - D % VL;
+    for (; r + 4 <= R; r += 4) {
+        int64_t c = 0;
+        for (; c + 4 <= C; c += 4) {
             vf acc[4][4] = {{0}};
             for (int64_t d = 0; d < Dv; d += VL) {
                 vf xv[4], yv[4];
-                for (int i = 0; i < 4; i++) xv[i] = load(X + (t + i) * D + d);
-                for (int j = 0; j < 4; j++) yv[j] = load(Y + (h + j) * ldy + d);
+                for (int i = 0; i < 4; i++) xv[i] = load(X + (r + i) * ldx + d);
+                for (int j = 0; j < 4; j++) yv[j] = load(Y + (c + j) * ldy + d);
                 for (int i = 0; i < 4; i++)
                     for (int j = 0; j < 4; j++) acc[i][j] += xv[i] * yv[j];
             }
             for (int i = 0; i < 4; i++)
                 for (int j = 0; j < 4; j++) {
                     float s = hsum(acc[i][j]);
-                    for (int64_t d = Dv; d < D; d++) s += X[(t + i) * D + d] * Y[(h + j) * ldy + d];
-                    out[(t + i) * H + h + j] = s;
+                    for (int64_t d = Dv; d < D; d++) s += X[(r + i) * ldx + d] * Y[(c + j) * ldy + d];
+                    out[(r + i) * ldo + c + j] = s;
                 }
         }
-        for (; h < H; h++)
-            for (int i = 0; i < 4; i++) out[(t + i) * H + h] = dot(X + (t + i) * D, Y + h * ldy, D);
+        for (; c < C; c++)
+            for (int i = 0; i < 4; i++) out[(r + i) * ldo + c] = dot(X + (r + i) * ldx, Y + c * ldy, D);
     }
-    for (; t < T; t++)
-        for (int64_t h = 0; h < H; h++) out[t * H + h] = dot(X + t * D, Y + h * ldy, D);
+    for (; r < R; r++)
+        for (int64_t c = 0; c < C; c++) out[r * ldo + c] = dot(X + r * ldx, Y + c * ldy, D);
     if (add)
-        for (t = 0; t < T; t++)
-            for (int64_t h = 0; h < H; h++) out[t * H + h] += add[h];
+        for (r = 0; r < R; r++)
+            for (int64_t c = 0; c < C; c++) out[r * ldo + c] += add[c];
+}
+
+/* out[r ldo + d] = sum_e G[r ldg + e] W[e D + d]: R rows of E weights over the E rows of
+ * W (E, D), summed in the order of e; 4 rows x 4 vectors per pass over E. */
+static void combine(const float *G, int64_t ldg, int64_t R, const float *W, int64_t E,
+                    int64_t D, float *out, int64_t ldo) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) {
+        int64_t d = 0;
+        for (; d + 4 * VL <= D; d += 4 * VL) {
+            vf acc[4][4] = {{0}};
+            for (int64_t e = 0; e < E; e++) {
+                vf wv[4];
+                for (int k = 0; k < 4; k++) wv[k] = load(W + e * D + d + k * VL);
+                for (int i = 0; i < 4; i++) {
+                    float g = G[(r + i) * ldg + e];
+                    for (int k = 0; k < 4; k++) acc[i][k] += g * wv[k];
+                }
+            }
+            for (int i = 0; i < 4; i++)
+                for (int k = 0; k < 4; k++) store(out + (r + i) * ldo + d + k * VL, acc[i][k]);
+        }
+        for (int i = 0; i < 4; i++)
+            for (int64_t f = d; f < D; f++) {
+                float s = 0.0f;
+                for (int64_t e = 0; e < E; e++) s += G[(r + i) * ldg + e] * W[e * D + f];
+                out[(r + i) * ldo + f] = s;
+            }
+    }
+    for (; r < R; r++)
+        for (int64_t f = 0; f < D; f++) {
+            float s = 0.0f;
+            for (int64_t e = 0; e < E; e++) s += G[r * ldg + e] * W[e * D + f];
+            out[r * ldo + f] = s;
+        }
 }
 
 /* Z[h] = sum_t A[t H + h] X[t]: X (T, D), A (T, H), Z (H, D). */
@@ -99,73 +137,91 @@ static void weighted_sums(const float *X, const float *A, int64_t T, int64_t H, 
         }
 }
 
-/* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; drop (B, H, T)
- * dropout multipliers or NULL. Out: attn (B, T, H) softmax over t, z (B, H, D) the sums of the
- * tokens weighted by attn x drop, mass (B, H) the sums of those weights (1 without dropout). */
-void attend_forward(const float *x, const float *u, const float *drop, float *attn, float *z,
-                    float *mass, int64_t B, int64_t T, int64_t D, int64_t H, int threads) {
+/* Samples are taken in fixed blocks of CHUNK, a thread's each: the probe's value weights W
+ * are read once per block (not once per sample), and which samples share a block does not
+ * depend on the thread count. */
+#define CHUNK 16
+
+/* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; W (H, E, D)
+ * the heads' value weights; drop (B, H, T) dropout multipliers or NULL. Out: attn (B, T, H)
+ * softmax over t, z (B, H, D) the sums of the tokens weighted by attn x drop, mass (B, H) the
+ * sums of those weights (1 without dropout), o (B, H, E) = W_h z[b, h]. */
+void attend_forward(const float *x, const float *u, const float *W, const float *drop,
+                    float *attn, float *z, float *mass, float *o, int64_t B, int64_t T,
+                    int64_t D, int64_t H, int64_t E, int threads) {
+    int64_t chunks = (B + CHUNK - 1) / CHUNK;
 #pragma omp parallel num_threads(threads)
     {
         float *w = malloc(sizeof(float) * (size_t)(T * H + H));
         float *top = w + T * H;
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * T * D;
-            float *a = attn + b * T * H;
-            dots(xb, T, u, D, H, D, NULL, a);
-            for (int64_t h = 0; h < H; h++) top[h] = a[h];
-            for (int64_t t = 1; t < T; t++)
-                for (int64_t h = 0; h < H; h++) top[h] = fmaxf(top[h], a[t * H + h]);
-            float *m = mass + b * H;
-            for (int64_t h = 0; h < H; h++) m[h] = 0.0f;
-            for (int64_t t = 0; t < T; t++) {
-#pragma omp simd
-                for (int64_t h = 0; h < H; h++) a[t * H + h] = expf(a[t * H + h] - top[h]);
-                for (int64_t h = 0; h < H; h++) m[h] += a[t * H + h];
-            }
-            for (int64_t h = 0; h < H; h++) top[h] = 1.0f / m[h];
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t h = 0; h < H; h++) a[t * H + h] *= top[h];
-            const float *weights = a;
-            if (drop) {
-                const float *db = drop + b * H * T;
+        for (int64_t k = 0; k < chunks; k++) {
+            int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
+            for (int64_t b = first; b < last; b++) {
+                const float *xb = x + b * T * D;
+                float *a = attn + b * T * H;
+                dots(xb, D, T, u, D, H, D, NULL, a, H);
+                for (int64_t h = 0; h < H; h++) top[h] = a[h];
+                for (int64_t t = 1; t < T; t++)
+                    for (int64_t h = 0; h < H; h++) top[h] = fmaxf(top[h], a[t * H + h]);
+                float *m = mass + b * H;
                 for (int64_t h = 0; h < H; h++) m[h] = 0.0f;
+                for (int64_t t = 0; t < T; t++) {
+#pragma omp simd
+                    for (int64_t h = 0; h < H; h++) a[t * H + h] = expf(a[t * H + h] - top[h]);
+                    for (int64_t h = 0; h < H; h++) m[h] += a[t * H + h];
+                }
+                for (int64_t h = 0; h < H; h++) top[h] = 1.0f / m[h];
                 for (int64_t t = 0; t < T; t++)
-                    for (int64_t h = 0; h < H; h++) {
-                        w[t * H + h] = a[t * H + h] * db[h * T + t];
-                        m[h] += w[t * H + h];
-                    }
-                weights = w;
-            } else {
-                for (int64_t h = 0; h < H; h++) m[h] = 1.0f;
+                    for (int64_t h = 0; h < H; h++) a[t * H + h] *= top[h];
+                const float *weights = a;
+                if (drop) {
+                    const float *db = drop + b * H * T;
+                    for (int64_t h = 0; h < H; h++) m[h] = 0.0f;
+                    for (int64_t t = 0; t < T; t++)
+                        for (int64_t h = 0; h < H; h++) {
+                            w[t * H + h] = a[t * H + h] * db[h * T + t];
+                            m[h] += w[t * H + h];
+                        }
+                    weights = w;
+                } else {
+                    for (int64_t h = 0; h < H; h++) m[h] = 1.0f;
+                }
+                weighted_sums(xb, weights, T, H, D, z + b * H * D);
             }
-            weighted_sums(xb, weights, T, H, D, z + b * H * D);
+            for (int64_t h = 0; h < H; h++)
+                dots(z + first * H * D + h * D, H * D, last - first, W + h * E * D, D, E, D,
+                     NULL, o + first * H * E + h * E, H * E);
         }
         free(w);
     }
 }
 
-/* Backward to the scores and the queries. g_z (H, B, D) the gradient of z; c (B, H) what
- * each weight's gradient gains through the mass; attn, drop as forward. Out: g_s (B, T, H), the
- * gradient of the scores: with g = (x . g_z + c) x drop, g_s = attn (g - sum_t g attn); and
- * g_u (H, D) = sum_b g_s[b]^T x[b], the queries' gradient, summed in blocks of CHUNK samples and
- * then over the blocks in order (so for any thread count alike). */
-#define CHUNK 16
-void attend_backward(const float *x, const float *g_z, const float *c, const float *attn,
-                     const float *drop, float *g_s, float *g_u, int64_t B, int64_t T, int64_t D,
-                     int64_t H, int threads) {
+/* Backward to the queries. g_o (B, H, E) the gradient of o, c (B, H) what each weight's
+ * gradient gains through the mass; x, W, attn, drop as forward. Per sample, with
+ * g_z[h] = g_o[b, h] W_h (the gradient of z, never stored whole) and
+ * g = (x . g_z + c) x drop, the scores' gradient is g_s = attn (g - sum_t g attn); out:
+ * g_u (H, D) = sum_b g_s[b]^T x[b], the queries' gradient, summed within each block of samples
+ * and then over the blocks in order (so for any thread count alike). */
+void attend_backward(const float *x, const float *g_o, const float *W, const float *c,
+                     const float *attn, const float *drop, float *g_u, int64_t B, int64_t T,
+                     int64_t D, int64_t H, int64_t E, int threads) {
     int64_t chunks = (B + CHUNK - 1) / CHUNK;
     float *partial = malloc(sizeof(float) * (size_t)(chunks * H * D));
 #pragma omp parallel num_threads(threads)
     {
-        float *sum = malloc(sizeof(float) * (size_t)H);
+        float *g_z = malloc(sizeof(float) * (size_t)(CHUNK * H * D + CHUNK * T * H + H));
+        float *g_s = g_z + CHUNK * H * D, *sum = g_s + CHUNK * T * H;
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
+            for (int64_t h = 0; h < H; h++)
+                combine(g_o + first * H * E + h * E, H * E, last - first, W + h * E * D, E, D,
+                        g_z + h * D, H * D);
             for (int64_t b = first; b < last; b++) {
-                float *g = g_s + b * T * H;
+                float *g = g_s + (b - first) * T * H;
                 const float *a = attn + b * T * H;
-                dots(x + b * T * D, T, g_z + b * D, B * D, H, D, c + b * H, g);
+                dots(x + b * T * D, D, T, g_z + (b - first) * H * D, D, H, D, c + b * H, g, H);
                 if (drop) {
                     const float *db = drop + b * H * T;
                     for (int64_t t = 0; t < T; t++)
@@ -179,10 +235,9 @@ void attend_backward(const float *x, const float *g_z, const float *c, const flo
                         g[t * H + h] = a[t * H + h] * (g[t * H + h] - sum[h]);
             }
             /* the block's samples' tokens as one (rows, D) matrix */
-            weighted_sums(x + first * T * D, g_s + first * T * H, (last - first) * T, H, D,
-                          partial + k * H * D);
+            weighted_sums(x + first * T * D, g_s, (last - first) * T, H, D, partial + k * H * D);
         }
-        free(sum);
+        free(g_z);
 #pragma omp for schedule(static)
         for (int64_t e = 0; e < H * D; e++) {
             float total = 0.0f;

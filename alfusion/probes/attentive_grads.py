@@ -62,21 +62,21 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     k_q = torch.bmm(q.unsqueeze(1), w_k).squeeze(1)  # (H, D): the query in token space
     k_scale = p["norm_k.weight"] * spec.scale
     u = k_q * k_scale
-    fused = native.attention_ready(xhat, u, drop)  # the token products in one kernel
+    w_v = p["v.weight"].view(H, E, D)
+    w_v_g = w_v * p["norm_v.weight"]
+    shift = (w_v * p["norm_v.bias"]).sum(-1)  # (H, E)
+    fused = native.attention_ready(xhat, u, w_v_g, drop)  # the token products in one kernel
     drop_t = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
     if fused:
-        attn, z, mass = native.attend_forward(xhat, u, drop)
+        attn, z, mass, o = native.attend_forward(xhat, u, w_v_g, drop)
     else:
         attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
         attn_d = attn if drop is None else attn * drop_t
         z = torch.bmm(attn_d.transpose(1, 2), xhat)  # (B, H, D)
         mass = attn_d.sum(1)  # (B, H): sum_t a, 1 without dropout
+        o = torch.empty(B, H, E, dtype=xhat.dtype, device=xhat.device)
+        torch.bmm(z.transpose(0, 1), w_v_g.transpose(1, 2), out=o.transpose(0, 1))
     z_h = z.transpose(0, 1)  # (H, B, D) view: the per-head products read it in place
-    w_v = p["v.weight"].view(H, E, D)
-    w_v_g = w_v * p["norm_v.weight"]
-    shift = (w_v * p["norm_v.bias"]).sum(-1)  # (H, E)
-    o = torch.empty(B, H, E, dtype=xhat.dtype, device=xhat.device)
-    torch.bmm(z_h, w_v_g.transpose(1, 2), out=o.transpose(0, 1))
     o = (o + mass[:, :, None] * shift).view(B, A)
     pooled = torch.addmm(p["proj.bias"], o, p["proj.weight"].t())  # (B, D)
     # BatchNorm's batch statistics in two passes (torch.var_mean along the batch is several
@@ -109,11 +109,11 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     g_o_h = g_o.transpose(0, 1)  # (H, B, E) view
     g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
     g_w_v_g = torch.bmm(g_o_h.transpose(1, 2), z_h)  # (H, E, D)
-    g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
     g_mass = (g_o * shift).sum(-1)  # (B, H)
     if fused:
-        _, g_u = native.attend_backward(xhat, g_z, g_mass, attn, drop)
+        g_u = native.attend_backward(xhat, g_o, w_v_g, g_mass, attn, drop)
     else:
+        g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
         g_attn = torch.bmm(xhat, g_z.permute(1, 2, 0))  # (B, T, H)
         g_attn += g_mass[:, None, :]
         if drop is not None:
