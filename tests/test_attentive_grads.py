@@ -45,9 +45,9 @@ def test_hand_gradients_equal_autograd(shape, drop, kernels):
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 def test_kernel_blocks_and_their_remainders(drop):
     """The kernels' register blocks and what is left beside them: 37 samples (two blocks of
-    16 and 5), 7 tokens, 6 heads of width 10, 100 features (one 64-wide block, then 16-wide
-    vectors and single floats)."""
-    check_hand_gradients((100, 6, 10, 7), drop, "native", batch=37)
+    16 and 5), 7 tokens, 9 heads of width 6, 124 features (two blocks of 48 floats, a vector
+    and single floats with 16-float vectors; 24-float blocks and single floats with 8)."""
+    check_hand_gradients((124, 9, 6, 7), drop, "native", batch=37)
 
 
 def check_hand_gradients(shape, drop, kernels, batch):
@@ -84,7 +84,7 @@ def check_hand_gradients(shape, drop, kernels, batch):
         torch.testing.assert_close(grads[name], expected, atol=2e-5 * scale, rtol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")
     for name, expected in ref_buffers.items():
-        torch.testing.assert_close(buffers[name], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(buffers[name], expected, atol=1e-6, rtol=1e-4)
 
 
 def test_cpu_probes_train_by_hand_and_alike_with_autograd():

@@ -25,7 +25,7 @@ _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
     "attention": {"attend_forward": [_P] * 8 + [_N] * 5 + [ctypes.c_int],
-                  "attend_backward": [_P] * 7 + [_N] * 5 + [ctypes.c_int]},
+                  "attend_backward": [_P] * 9 + [_N] * 5 + [ctypes.c_int]},
 }
 
 
@@ -102,16 +102,19 @@ def attend_forward(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, drop: torc
     return attn, z, mass, o
 
 
-def attend_backward(x: torch.Tensor, g_o: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
-                    attn: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-    """g_u (H, D), the queries' gradient: sum over samples of g_s^T x, where g_s (B, T, H) is
-    the scores' gradient given g_o (B, H, E), the gradient of o, and c (B, H), the gradient
-    each weight gets through the mass; x, w, attn, drop as ``attend_forward``."""
+def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torch.Tensor,
+                    c: torch.Tensor, attn: torch.Tensor, drop: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_u (H, D), g_w (H, E, D)): the queries' gradient, sum over samples of g_s^T x where
+    g_s (B, T, H) is the scores' gradient, and the value weights' gradient, sum over samples
+    of g_o[:, h]^T z[:, h]; given g_o (B, H, E), the gradient of o, and c (B, H), the gradient
+    each weight gets through the mass; x, z, w, attn, drop as ``attend_forward``."""
     B, T, D = x.shape
     H, E, _ = w.shape
-    g_u = x.new_empty(H, D)
+    g_u, g_w = x.new_empty(H, D), x.new_empty(H, E, D)
     with record_function("alfusion::attend_backward"):
         library("attention").attend_backward(
-            x.data_ptr(), g_o.data_ptr(), w.data_ptr(), c.data_ptr(), attn.data_ptr(),
-            _ptr(drop), g_u.data_ptr(), B, T, D, H, E, torch.get_num_threads())
-    return g_u
+            x.data_ptr(), z.data_ptr(), g_o.data_ptr(), w.data_ptr(), c.data_ptr(),
+            attn.data_ptr(), _ptr(drop), g_u.data_ptr(), g_w.data_ptr(), B, T, D, H, E,
+            torch.get_num_threads())
+    return g_u, g_w

@@ -68,73 +68,49 @@ static void dots(const float *X, int64_t ldx, int64_t R, const float *Y, int64_t
             for (int64_t c = 0; c < C; c++) out[r * ldo + c] += add[c];
 }
 
-/* out[r ldo + d] = sum_e G[r ldg + e] W[e D + d]: R rows of E weights over the E rows of
- * W (E, D), summed in the order of e; 4 rows x 4 vectors per pass over E. */
-static void combine(const float *G, int64_t ldg, int64_t R, const float *W, int64_t E,
-                    int64_t D, float *out, int64_t ldo) {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) {
-        int64_t d = 0;
-        for (; d + 4 * VL <= D; d += 4 * VL) {
-            vf acc[4][4] = {{0}};
-            for (int64_t e = 0; e < E; e++) {
-                vf wv[4];
-                for (int k = 0; k < 4; k++) wv[k] = load(W + e * D + d + k * VL);
-                for (int i = 0; i < 4; i++) {
-                    float g = G[(r + i) * ldg + e];
-                    for (int k = 0; k < 4; k++) acc[i][k] += g * wv[k];
-                }
-            }
-            for (int i = 0; i < 4; i++)
-                for (int k = 0; k < 4; k++) store(out + (r + i) * ldo + d + k * VL, acc[i][k]);
-        }
-        for (int i = 0; i < 4; i++)
-            for (int64_t f = d; f < D; f++) {
-                float s = 0.0f;
-                for (int64_t e = 0; e < E; e++) s += G[(r + i) * ldg + e] * W[e * D + f];
-                out[(r + i) * ldo + f] = s;
-            }
+/* sums: out[r ldo + d] = sum_j K[r kr + j kj] M[j ldm + d] for d < D: R rows, each the sum
+ * of the J rows of M weighted by coefficients K, in the order of j; 8 rows x 3 vectors at a
+ * time (and smaller blocks at the edges). */
+#define SUMS_BLOCK(RB, VB)                                                                      \
+    static inline void sums_##RB##x##VB(const float *K, int64_t kr, int64_t kj, int64_t J,     \
+                                        const float *M, int64_t ldm, float *out, int64_t ldo) { \
+        vf acc[RB][VB] = {{0}};                                                                 \
+        for (int64_t j = 0; j < J; j++) {                                                       \
+            vf m[VB];                                                                           \
+            for (int v = 0; v < VB; v++) m[v] = load(M + j * ldm + v * VL);                     \
+            for (int i = 0; i < RB; i++) {                                                      \
+                float k = K[i * kr + j * kj];                                                   \
+                for (int v = 0; v < VB; v++) acc[i][v] += k * m[v];                             \
+            }                                                                                   \
+        }                                                                                       \
+        for (int i = 0; i < RB; i++)                                                            \
+            for (int v = 0; v < VB; v++) store(out + i * ldo + v * VL, acc[i][v]);              \
     }
-    for (; r < R; r++)
-        for (int64_t f = 0; f < D; f++) {
-            float s = 0.0f;
-            for (int64_t e = 0; e < E; e++) s += G[r * ldg + e] * W[e * D + f];
-            out[r * ldo + f] = s;
-        }
-}
+SUMS_BLOCK(8, 3)
+SUMS_BLOCK(8, 1)
+SUMS_BLOCK(1, 3)
+SUMS_BLOCK(1, 1)
 
-/* Z[h] = sum_t A[t H + h] X[t]: X (T, D), A (T, H), Z (H, D). */
-static void weighted_sums(const float *X, const float *A, int64_t T, int64_t H, int64_t D,
-                          float *Z) {
-    int64_t h = 0;
-    for (; h + 4 <= H; h += 4) {
-        int64_t d = 0;
-        for (; d + 4 * VL <= D; d += 4 * VL) {
-            vf acc[4][4] = {{0}};
-            for (int64_t t = 0; t < T; t++) {
-                vf xv[4];
-                for (int k = 0; k < 4; k++) xv[k] = load(X + t * D + d + k * VL);
-                for (int i = 0; i < 4; i++) {
-                    float a = A[t * H + h + i];
-                    for (int k = 0; k < 4; k++) acc[i][k] += a * xv[k];
-                }
-            }
-            for (int i = 0; i < 4; i++)
-                for (int k = 0; k < 4; k++) store(Z + (h + i) * D + d + k * VL, acc[i][k]);
-        }
-        for (int i = 0; i < 4; i++)
-            for (int64_t e = d; e < D; e++) {
-                float s = 0.0f;
-                for (int64_t t = 0; t < T; t++) s += A[t * H + h + i] * X[t * D + e];
-                Z[(h + i) * D + e] = s;
-            }
+#define SUMS_ROWS(RB)                                                                           \
+    {                                                                                           \
+        const float *k = K + r * kr;                                                            \
+        float *o = out + r * ldo;                                                               \
+        int64_t d = 0;                                                                          \
+        for (; d + 3 * VL <= D; d += 3 * VL) sums_##RB##x3(k, kr, kj, J, M + d, ldm, o + d, ldo); \
+        for (; d + VL <= D; d += VL) sums_##RB##x1(k, kr, kj, J, M + d, ldm, o + d, ldo);       \
+        for (; d < D; d++)                                                                      \
+            for (int i = 0; i < RB; i++) {                                                      \
+                float s = 0.0f;                                                                 \
+                for (int64_t j = 0; j < J; j++) s += k[i * kr + j * kj] * M[j * ldm + d];       \
+                o[i * ldo + d] = s;                                                             \
+            }                                                                                   \
     }
-    for (; h < H; h++)
-        for (int64_t e = 0; e < D; e++) {
-            float s = 0.0f;
-            for (int64_t t = 0; t < T; t++) s += A[t * H + h] * X[t * D + e];
-            Z[h * D + e] = s;
-        }
+
+static void sums(const float *K, int64_t kr, int64_t kj, int64_t J, const float *M, int64_t ldm,
+                 int64_t D, int64_t R, float *out, int64_t ldo) {
+    int64_t r = 0;
+    for (; r + 8 <= R; r += 8) SUMS_ROWS(8)
+    for (; r < R; r++) SUMS_ROWS(1)
 }
 
 /* Samples are taken in fixed blocks of CHUNK, a thread's each: the probe's value weights W
@@ -187,7 +163,7 @@ void attend_forward(const float *x, const float *u, const float *W, const float 
                 } else {
                     for (int64_t h = 0; h < H; h++) m[h] = 1.0f;
                 }
-                weighted_sums(xb, weights, T, H, D, z + b * H * D);
+                sums(weights, 1, H, T, xb, D, D, H, z + b * H * D, D);  /* z[h] = sum_t w[t, h] x[t] */
             }
             for (int64_t h = 0; h < H; h++)
                 dots(z + first * H * D + h * D, H * D, last - first, W + h * E * D, D, E, D,
@@ -197,15 +173,16 @@ void attend_forward(const float *x, const float *u, const float *W, const float 
     }
 }
 
-/* Backward to the queries. g_o (B, H, E) the gradient of o, c (B, H) what each weight's
- * gradient gains through the mass; x, W, attn, drop as forward. Per sample, with
- * g_z[h] = g_o[b, h] W_h (the gradient of z, never stored whole) and
- * g = (x . g_z + c) x drop, the scores' gradient is g_s = attn (g - sum_t g attn); out:
- * g_u (H, D) = sum_b g_s[b]^T x[b], the queries' gradient, summed within each block of samples
- * and then over the blocks in order (so for any thread count alike). */
-void attend_backward(const float *x, const float *g_o, const float *W, const float *c,
-                     const float *attn, const float *drop, float *g_u, int64_t B, int64_t T,
-                     int64_t D, int64_t H, int64_t E, int threads) {
+/* Backward. g_o (B, H, E) the gradient of o, c (B, H) what each weight's gradient gains
+ * through the mass; x, W, attn, drop, z as forward. Per sample, with g_z[h] = g_o[b, h] W_h
+ * (the gradient of z, never stored whole) and g = (x . g_z + c) x drop, the scores' gradient
+ * is g_s = attn (g - sum_t g attn). Out: g_u (H, D) = sum_b g_s[b]^T x[b], the queries'
+ * gradient, summed within each block of samples and then over the blocks in order (so for any
+ * thread count alike); g_w (H, E, D) = sum_b g_o[b, h]^T z[b, h], the value weights'. */
+void attend_backward(const float *x, const float *z, const float *g_o, const float *W,
+                     const float *c, const float *attn, const float *drop, float *g_u,
+                     float *g_w, int64_t B, int64_t T, int64_t D, int64_t H, int64_t E,
+                     int threads) {
     int64_t chunks = (B + CHUNK - 1) / CHUNK;
     float *partial = malloc(sizeof(float) * (size_t)(chunks * H * D));
 #pragma omp parallel num_threads(threads)
@@ -216,8 +193,8 @@ void attend_backward(const float *x, const float *g_o, const float *W, const flo
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
             for (int64_t h = 0; h < H; h++)
-                combine(g_o + first * H * E + h * E, H * E, last - first, W + h * E * D, E, D,
-                        g_z + h * D, H * D);
+                sums(g_o + first * H * E + h * E, H * E, 1, E, W + h * E * D, D, D, last - first,
+                     g_z + h * D, H * D);  /* g_z[b, h] = sum_e g_o[b, h, e] W[h, e] */
             for (int64_t b = first; b < last; b++) {
                 float *g = g_s + (b - first) * T * H;
                 const float *a = attn + b * T * H;
@@ -235,7 +212,7 @@ void attend_backward(const float *x, const float *g_o, const float *W, const flo
                         g[t * H + h] = a[t * H + h] * (g[t * H + h] - sum[h]);
             }
             /* the block's samples' tokens as one (rows, D) matrix */
-            weighted_sums(x + first * T * D, g_s, (last - first) * T, H, D, partial + k * H * D);
+            sums(g_s, 1, H, (last - first) * T, x + first * T * D, D, D, H, partial + k * H * D, D);
         }
         free(g_z);
 #pragma omp for schedule(static)
@@ -244,6 +221,9 @@ void attend_backward(const float *x, const float *g_o, const float *W, const flo
             for (int64_t k = 0; k < chunks; k++) total += partial[k * H * D + e];
             g_u[e] = total;
         }
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++)
+            sums(g_o + h * E, 1, H * E, B, z + h * D, H * D, D, E, g_w + h * E * D, D);
     }
     free(partial);
 }

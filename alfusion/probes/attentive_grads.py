@@ -76,7 +76,6 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
         mass = attn_d.sum(1)  # (B, H): sum_t a, 1 without dropout
         o = torch.empty(B, H, E, dtype=xhat.dtype, device=xhat.device)
         torch.bmm(z.transpose(0, 1), w_v_g.transpose(1, 2), out=o.transpose(0, 1))
-    z_h = z.transpose(0, 1)  # (H, B, D) view: the per-head products read it in place
     o = (o + mass[:, :, None] * shift).view(B, A)
     pooled = torch.addmm(p["proj.bias"], o, p["proj.weight"].t())  # (B, D)
     # BatchNorm's batch statistics in two passes (torch.var_mean along the batch is several
@@ -106,13 +105,13 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     g_pooled = _layer_norm_grad(g_h * p["bn.weight"], normed, rstd_b, 0)
     grads["proj.weight"], grads["proj.bias"] = g_pooled.t() @ o, g_pooled.sum(0)
     g_o = (g_pooled @ p["proj.weight"]).view(B, H, E)
-    g_o_h = g_o.transpose(0, 1)  # (H, B, E) view
     g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
-    g_w_v_g = torch.bmm(g_o_h.transpose(1, 2), z_h)  # (H, E, D)
     g_mass = (g_o * shift).sum(-1)  # (B, H)
     if fused:
-        g_u = native.attend_backward(xhat, g_o, w_v_g, g_mass, attn, drop)
+        g_u, g_w_v_g = native.attend_backward(xhat, z, g_o, w_v_g, g_mass, attn, drop)
     else:
+        g_o_h = g_o.transpose(0, 1)  # (H, B, E) view
+        g_w_v_g = torch.bmm(g_o_h.transpose(1, 2), z.transpose(0, 1))  # (H, E, D)
         g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
         g_attn = torch.bmm(xhat, g_z.permute(1, 2, 0))  # (B, T, H)
         g_attn += g_mass[:, None, :]
