@@ -92,11 +92,12 @@ def attend_forward(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, drop: torc
     sum_t attn drop x, mass (B, H) = sum_t attn drop, o (B, H, E) = w_h z[:, h]."""
     B, T, D = x.shape
     H, E, _ = w.shape
+    w_t = w.transpose(1, 2).contiguous()  # (H, D, E): o's sums run along its rows
     attn, z, mass, o = (x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H),
                         x.new_empty(B, H, E))
     with record_function("alfusion::attend_forward"):
         library("attention").attend_forward(
-            x.data_ptr(), u.data_ptr(), w.data_ptr(), _ptr(drop), attn.data_ptr(),
+            x.data_ptr(), u.data_ptr(), w_t.data_ptr(), _ptr(drop), attn.data_ptr(),
             z.data_ptr(), mass.data_ptr(), o.data_ptr(), B, T, D, H, E,
             torch.get_num_threads())
     return attn, z, mass, o

@@ -4,8 +4,9 @@
  * Shapes: B samples of T tokens of width D, H heads of width E.
  *
  * Every sample is computed by one thread from its own inputs, in blocks of samples fixed
- * whatever the thread count, so the result does not depend on it. Register-blocked
- * products: 4 x 4 outputs (dot products) or 4 rows x 4 vectors (sums of rows) at a time. */
+ * whatever the thread count, so the result does not depend on it. Two register-blocked
+ * product shapes: dot products of rows (dots, 4 x 4 at a time) and sums of rows weighted by
+ * coefficients (sums, 8 rows x 3 vectors at a time). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -87,8 +88,10 @@ static void dots(const float *X, int64_t ldx, int64_t R, const float *Y, int64_t
             for (int v = 0; v < VB; v++) store(out + i * ldo + v * VL, acc[i][v]);              \
     }
 SUMS_BLOCK(8, 3)
+SUMS_BLOCK(8, 2)
 SUMS_BLOCK(8, 1)
 SUMS_BLOCK(1, 3)
+SUMS_BLOCK(1, 2)
 SUMS_BLOCK(1, 1)
 
 #define SUMS_ROWS(RB)                                                                           \
@@ -97,6 +100,10 @@ SUMS_BLOCK(1, 1)
         float *o = out + r * ldo;                                                               \
         int64_t d = 0;                                                                          \
         for (; d + 3 * VL <= D; d += 3 * VL) sums_##RB##x3(k, kr, kj, J, M + d, ldm, o + d, ldo); \
+        if (d + 2 * VL <= D) {                                                                  \
+            sums_##RB##x2(k, kr, kj, J, M + d, ldm, o + d, ldo);                                \
+            d += 2 * VL;                                                                        \
+        }                                                                                       \
         for (; d + VL <= D; d += VL) sums_##RB##x1(k, kr, kj, J, M + d, ldm, o + d, ldo);       \
         for (; d < D; d++)                                                                      \
             for (int i = 0; i < RB; i++) {                                                      \
@@ -113,30 +120,53 @@ static void sums(const float *K, int64_t kr, int64_t kj, int64_t J, const float 
     for (; r < R; r++) SUMS_ROWS(1)
 }
 
+/* Y (H rows of D, row stride ldy) -> Yt (D, Hp), Yt[d Hp + h] = Y[h ldy + d], zero for
+ * h >= H: the dot products with Y become sums of Yt's rows, full vectors wide. */
+static void transpose(const float *Y, int64_t ldy, int64_t H, int64_t D, int64_t Hp, float *Yt) {
+    for (int64_t d = 0; d < D; d++) {
+        for (int64_t h = 0; h < H; h++) Yt[d * Hp + h] = Y[h * ldy + d];
+        for (int64_t h = H; h < Hp; h++) Yt[d * Hp + h] = 0.0f;
+    }
+}
+
+/* out[t H + h] = X[t] . Y[h] for X (T, D) and Y given as Yt (D, Hp) (transpose): dots as
+ * sums of Yt's rows, faster where Yt is made once for many samples; scratch: T Hp floats. */
+static void dots_transposed(const float *X, int64_t T, const float *Yt, int64_t Hp, int64_t D,
+                            int64_t H, float *scratch, float *out) {
+    sums(X, D, 1, D, Yt, Hp, Hp, T, scratch, Hp);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) out[t * H + h] = scratch[t * Hp + h];
+}
+
+/* H rounded up to whole vectors. */
+static int64_t padded(int64_t H) { return (H + VL - 1) / VL * VL; }
+
 /* Samples are taken in fixed blocks of CHUNK, a thread's each: the probe's value weights W
  * are read once per block (not once per sample), and which samples share a block does not
  * depend on the thread count. */
 #define CHUNK 16
 
-/* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; W (H, E, D)
- * the heads' value weights; drop (B, H, T) dropout multipliers or NULL. Out: attn (B, T, H)
- * softmax over t, z (B, H, D) the sums of the tokens weighted by attn x drop, mass (B, H) the
- * sums of those weights (1 without dropout), o (B, H, E) = W_h z[b, h]. */
-void attend_forward(const float *x, const float *u, const float *W, const float *drop,
+/* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; Wt (H, D, E)
+ * the heads' value weights, transposed; drop (B, H, T) dropout multipliers or NULL. Out:
+ * attn (B, T, H) softmax over t, z (B, H, D) the sums of the tokens weighted by attn x drop,
+ * mass (B, H) the sums of those weights (1 without dropout), o (B, H, E) = W_h z[b, h]. */
+void attend_forward(const float *x, const float *u, const float *Wt, const float *drop,
                     float *attn, float *z, float *mass, float *o, int64_t B, int64_t T,
                     int64_t D, int64_t H, int64_t E, int threads) {
-    int64_t chunks = (B + CHUNK - 1) / CHUNK;
+    int64_t chunks = (B + CHUNK - 1) / CHUNK, Hp = padded(H);
+    float *ut = malloc(sizeof(float) * (size_t)(D * Hp));
+    transpose(u, D, H, D, Hp, ut);
 #pragma omp parallel num_threads(threads)
     {
-        float *w = malloc(sizeof(float) * (size_t)(T * H + H));
-        float *top = w + T * H;
+        float *w = malloc(sizeof(float) * (size_t)(T * H + H + T * Hp));
+        float *top = w + T * H, *scratch = top + H;
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
             for (int64_t b = first; b < last; b++) {
                 const float *xb = x + b * T * D;
                 float *a = attn + b * T * H;
-                dots(xb, D, T, u, D, H, D, NULL, a, H);
+                dots_transposed(xb, T, ut, Hp, D, H, scratch, a);
                 for (int64_t h = 0; h < H; h++) top[h] = a[h];
                 for (int64_t t = 1; t < T; t++)
                     for (int64_t h = 0; h < H; h++) top[h] = fmaxf(top[h], a[t * H + h]);
@@ -163,14 +193,16 @@ void attend_forward(const float *x, const float *u, const float *W, const float 
                 } else {
                     for (int64_t h = 0; h < H; h++) m[h] = 1.0f;
                 }
-                sums(weights, 1, H, T, xb, D, D, H, z + b * H * D, D);  /* z[h] = sum_t w[t, h] x[t] */
+                /* z[b, h] = sum_t weights[t, h] x[b, t] */
+                sums(weights, 1, H, T, xb, D, D, H, z + b * H * D, D);
             }
-            for (int64_t h = 0; h < H; h++)
-                dots(z + first * H * D + h * D, H * D, last - first, W + h * E * D, D, E, D,
-                     NULL, o + first * H * E + h * E, H * E);
+            for (int64_t h = 0; h < H; h++)  /* o[b, h] = sum_d z[b, h, d] Wt[h, d] */
+                sums(z + first * H * D + h * D, H * D, 1, D, Wt + h * D * E, E, E, last - first,
+                     o + first * H * E + h * E, H * E);
         }
         free(w);
     }
+    free(ut);
 }
 
 /* Backward. g_o (B, H, E) the gradient of o, c (B, H) what each weight's gradient gains
