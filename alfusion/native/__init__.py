@@ -26,6 +26,7 @@ _SIGNATURES = {
     "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
     "attention": {"attend_forward": [_P] * 8 + [_N] * 5 + [ctypes.c_int],
                   "attend_backward": [_P] * 9 + [_N] * 5 + [ctypes.c_int]},
+    "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
 }
 
 
@@ -119,3 +120,31 @@ def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torc
             attn.data_ptr(), _ptr(drop), g_u.data_ptr(), g_w.data_ptr(), B, T, D, H, E,
             torch.get_num_threads())
     return g_u, g_w
+
+
+def head_ready(*tensors: torch.Tensor | None) -> bool:
+    return _ready("head", *tensors)
+
+
+def batch_norm_head(pooled: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                    w: torch.Tensor, bias: torch.Tensor, y: torch.Tensor, w_y: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, ...]:
+    """Training-mode BatchNorm of pooled (B, D) (affine gamma, beta (D,)), the classifier
+    w (C, D), bias (C,), and the class-weighted cross-entropy of labels y (B,) with sample
+    weights w_y (B,), forward and backward -> (loss (1,), batch mean (D,), biased batch
+    variance (D,), and the loss's gradients: pooled (B, D), gamma, beta (D,), w (C, D),
+    bias (C,))."""
+    B, D = pooled.shape
+    C = w.shape[0]
+    loss, mean, var = pooled.new_empty(1), pooled.new_empty(D), pooled.new_empty(D)
+    g_pooled, g_gamma, g_beta = torch.empty_like(pooled), pooled.new_empty(D), pooled.new_empty(D)
+    g_w, g_bias = torch.empty_like(w), pooled.new_empty(C)
+    y = y.to(torch.int64).contiguous()
+    with record_function("alfusion::batch_norm_head"):
+        library("head").batch_norm_head(
+            pooled.data_ptr(), gamma.data_ptr(), beta.data_ptr(), w.data_ptr(),
+            bias.data_ptr(), y.data_ptr(), w_y.data_ptr(), eps, mean.data_ptr(),
+            var.data_ptr(), loss.data_ptr(), g_pooled.data_ptr(), g_gamma.data_ptr(),
+            g_beta.data_ptr(), g_w.data_ptr(), g_bias.data_ptr(), B, D, C,
+            torch.get_num_threads())
+    return loss, mean, var, g_pooled, g_gamma, g_beta, g_w, g_bias

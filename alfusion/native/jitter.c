@@ -2,8 +2,8 @@
  * (optionally) the tokens' LayerNorm without affine, in place, one pass over each sample.
  *
  * The noise is a function of (key, row, i) only: normal i of global batch row `row` under a
- * step's 64-bit key. alfusion/jitter_noise.py holds the same generator in torch (its reference
- * and the fallback where no C compiler is found); this file must keep its layout:
+ * step's 64-bit key. tests/test_native.py holds the same generator in plain Python (its
+ * oracle), whose layout this file must keep:
  *   block c of BLOCK counters (i, row_lo, row_hi, 0), i = c * BLOCK + j, j < BLOCK, gives
  *   4 * BLOCK normals: [cos(a, b) for j] [sin(a, b) for j] [cos(c, d) for j] [sin(c, d) for j]
  *   with the Box-Muller pair r = sqrt(-2 log u1), theta = 2 pi u2 of 24-bit uniforms

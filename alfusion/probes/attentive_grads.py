@@ -34,6 +34,46 @@ def _layer_norm_grad(g_out: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor
                    - xhat * (g_out * xhat).mean(dim, keepdim=True))
 
 
+def _batch_norm_head(spec: AttentiveSpec, p: dict, buffers: dict, pooled: torch.Tensor,
+                     y: torch.Tensor, weights: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """BatchNorm in training mode (running statistics updated), the classifier and the
+    class-weighted cross-entropy on pooled (B, D), forward and backward -> (loss (),
+    gradients of bn.* and head.*, gradient of pooled (B, D)); in one native call where built."""
+    B = pooled.shape[0]
+    w_y = weights[y]
+    names = ("bn.weight", "bn.bias", "head.weight", "head.bias")
+    if native.head_ready(pooled, w_y, *(p[n] for n in names)):
+        loss, mean_b, var_b, g_pooled, *g = native.batch_norm_head(
+            pooled, p["bn.weight"], p["bn.bias"], p["head.weight"], p["head.bias"], y, w_y,
+            spec.bn_eps)
+        update_running_stats(spec, buffers, mean_b.unsqueeze(0), var_b.unsqueeze(0), B)
+        return loss[0], dict(zip(names, g, strict=True)), g_pooled
+    # BatchNorm's batch statistics in two passes (torch.var_mean along the batch is several
+    # times slower on the CPU)
+    mean_b = pooled.mean(0)
+    normed = pooled - mean_b
+    var_b = (normed * normed).mean(0)
+    update_running_stats(spec, buffers, mean_b.unsqueeze(0), var_b.unsqueeze(0), B)
+    rstd_b = torch.rsqrt(var_b + spec.bn_eps)
+    normed *= rstd_b
+    h = normed * p["bn.weight"] + p["bn.bias"]
+    logits = torch.addmm(p["head.bias"], h, p["head.weight"].t())  # (B, C)
+    total = w_y.sum()
+    log_p = logits.log_softmax(-1)
+    loss = -(log_p.gather(1, y[:, None])[:, 0] * w_y).sum() / total
+    g_logits = log_p.exp_()
+    g_logits[torch.arange(B, device=y.device), y] -= 1
+    g_logits *= (w_y / total)[:, None]
+    # (h^T g)^T, not g^T h: with C rows the product's rounding changes with torch's thread
+    # count, and a grid split over DDP ranks (a thread each) must train what one process does.
+    grads = {"head.weight": (h.t() @ g_logits).t(), "head.bias": g_logits.sum(0)}
+    g_h = g_logits @ p["head.weight"]
+    grads["bn.weight"], grads["bn.bias"] = (g_h * normed).sum(0), g_h.sum(0)
+    g_pooled = _layer_norm_grad(g_h * p["bn.weight"], normed, rstd_b, 0)
+    return loss, grads, g_pooled
+
+
 def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.Tensor,
                              y: torch.Tensor, weights: torch.Tensor,
                              drop: torch.Tensor | None = None
@@ -78,31 +118,9 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
         torch.bmm(z.transpose(0, 1), w_v_g.transpose(1, 2), out=o.transpose(0, 1))
     o = (o + mass[:, :, None] * shift).view(B, A)
     pooled = torch.addmm(p["proj.bias"], o, p["proj.weight"].t())  # (B, D)
-    # BatchNorm's batch statistics in two passes (torch.var_mean along the batch is several
-    # times slower on the CPU)
-    mean_b = pooled.mean(0)
-    normed = pooled - mean_b
-    var_b = (normed * normed).mean(0)
-    update_running_stats(spec, buffers, mean_b.unsqueeze(0), var_b.unsqueeze(0), B)
-    rstd_b = torch.rsqrt(var_b + spec.bn_eps)
-    normed *= rstd_b
-    h = normed * p["bn.weight"] + p["bn.bias"]
-    logits = torch.addmm(p["head.bias"], h, p["head.weight"].t())  # (B, C)
-    w_y = weights[y]
-    total = w_y.sum()
-    log_p = logits.log_softmax(-1)
-    loss = -(log_p.gather(1, y[:, None])[:, 0] * w_y).sum() / total
+    loss, grads, g_pooled = _batch_norm_head(spec, p, buffers, pooled, y, weights)
 
     # ---- backward (g_name: the loss's gradient with respect to name)
-    g_logits = log_p.exp_()
-    g_logits[torch.arange(B, device=y.device), y] -= 1
-    g_logits *= (w_y / total)[:, None]
-    # (h^T g)^T, not g^T h: with C rows the product's rounding changes with torch's thread
-    # count, and a grid split over DDP ranks (a thread each) must train what one process does.
-    grads = {"head.weight": (h.t() @ g_logits).t(), "head.bias": g_logits.sum(0)}
-    g_h = g_logits @ p["head.weight"]
-    grads["bn.weight"], grads["bn.bias"] = (g_h * normed).sum(0), g_h.sum(0)
-    g_pooled = _layer_norm_grad(g_h * p["bn.weight"], normed, rstd_b, 0)
     grads["proj.weight"], grads["proj.bias"] = g_pooled.t() @ o, g_pooled.sum(0)
     g_o = (g_pooled @ p["proj.weight"]).view(B, H, E)
     g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
