@@ -76,6 +76,9 @@ def step_flops(x, y, weights) -> int:
 PARTS = {
     "matmuls (forward and backward)": ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"),
     "token products, softmax (native)": ("alfusion::attend_forward", "alfusion::attend_backward"),
+    "query and value parameters (native)": ("alfusion::params_forward",
+                                            "alfusion::params_backward"),
+    "BatchNorm, head and loss (native)": ("alfusion::batch_norm_head",),
     "jitter draws (coins, noise, adding it)": ("aten::normal_", "aten::uniform_",
                                                "aten::index_add_", "aten::nonzero",
                                                "aten::random_"),

@@ -165,7 +165,7 @@ def test_a_build_is_cached_and_reused_by_a_new_process(tmp_path):
 def test_loading_the_kernels_leaves_torchs_arithmetic_alone(tmp_path):
     """A library linked with -ffast-math would flush denormals to zero in the loading thread."""
     code = ("import torch; from alfusion import native; "
-            "assert all(native.library(n) for n in ('jitter', 'attention', 'head')); "
+            "assert all(native.library(n) for n in ('jitter', 'attention', 'head', 'params')); "
             "assert (torch.tensor([1e-39]) * 3).item() > 0, 'denormals flushed'")
     env = {**os.environ, "ALFUSION_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)

@@ -27,6 +27,8 @@ _SIGNATURES = {
     "attention": {"attend_forward": [_P] * 8 + [_N] * 5 + [ctypes.c_int],
                   "attend_backward": [_P] * 9 + [_N] * 5 + [ctypes.c_int]},
     "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
+    "params": {"params_forward": [_P] * 9 + [_F, _F] + [_P] * 9 + [_N] * 3 + [ctypes.c_int],
+               "params_backward": [_P] * 10 + [_F] + [_P] * 14 + [_N] * 3 + [ctypes.c_int]},
 }
 
 
@@ -86,14 +88,14 @@ def attention_ready(*tensors: torch.Tensor | None) -> bool:
     return _ready("attention", *tensors)
 
 
-def attend_forward(x: torch.Tensor, u: torch.Tensor, w: torch.Tensor, drop: torch.Tensor | None
+def attend_forward(x: torch.Tensor, u: torch.Tensor, w_t: torch.Tensor,
+                   drop: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, T, D) tokens, u (H, D) queries in token space, w (H, E, D) value weights,
-    drop (B, H, T) or None -> attn (B, T, H) softmax over T of x . u, z (B, H, D) =
-    sum_t attn drop x, mass (B, H) = sum_t attn drop, o (B, H, E) = w_h z[:, h]."""
+    """x (B, T, D) tokens, u (H, D) queries in token space, w_t (H, D, E) value weights
+    transposed, drop (B, H, T) or None -> attn (B, T, H) softmax over T of x . u, z (B, H, D)
+    = sum_t attn drop x, mass (B, H) = sum_t attn drop, o (B, H, E) = w_h z[:, h]."""
     B, T, D = x.shape
-    H, E, _ = w.shape
-    w_t = w.transpose(1, 2).contiguous()  # (H, D, E): o's sums run along its rows
+    H, _, E = w_t.shape
     attn, z, mass, o = (x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H),
                         x.new_empty(B, H, E))
     with record_function("alfusion::attend_forward"):
@@ -148,3 +150,44 @@ def batch_norm_head(pooled: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
             g_beta.data_ptr(), g_w.data_ptr(), g_bias.data_ptr(), B, D, C,
             torch.get_num_threads())
     return loss, mean, var, g_pooled, g_gamma, g_beta, g_w, g_bias
+
+
+def params_ready(*tensors: torch.Tensor | None) -> bool:
+    return _ready("params", *tensors)
+
+
+def params_forward(query, nq_w, nq_b, q_w, k_w, nk_w, v_w, nv_w, nv_b, scale: float,
+                   eps_q: float, heads: int) -> tuple[torch.Tensor, ...]:
+    """The attentive probe's query and value weights (probes/attentive_grads.py): query (D),
+    LN_q's affine nq_w, nq_b (D), the projections q_w, k_w, v_w (A, D), LN_k's gain nk_w,
+    LN_v's affine nv_w, nv_b (D) -> (qhat (D) the normalised query, rstd_q (1), qn (D),
+    q (A), k_q (H, D) the query in token space, u (H, D) = k_q nk_w scale, w (H, E, D) =
+    v_w nv_w, w_t (H, D, E) its transpose, shift (A) = v_w nv_b)."""
+    A, D = q_w.shape
+    H, E = heads, A // heads
+    new = q_w.new_empty
+    out = (new(D), new(1), new(D), new(A), new(H, D), new(H, D), new(H, E, D), new(H, D, E),
+           new(A))
+    with record_function("alfusion::params_forward"):
+        library("params").params_forward(
+            *(t.data_ptr() for t in (query, nq_w, nq_b, q_w, k_w, nk_w, v_w, nv_w, nv_b)),
+            scale, eps_q, *(t.data_ptr() for t in out), H, E, D, torch.get_num_threads())
+    return out
+
+
+def params_backward(g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w, nv_b, scale: float,
+                    qhat, rstd_q, qn, q, k_q) -> tuple[torch.Tensor, ...]:
+    """The gradients of the parameters of ``params_forward`` given g_u (H, D), g_w (H, E, D)
+    and g_shift (A) and its saved qhat, rstd_q, qn, q, k_q -> (query, nq_w, nq_b (D),
+    q_w, k_w (A, D), nk_w (D), v_w (A, D), nv_w, nv_b (D))."""
+    A, D = q_w.shape
+    H = g_u.shape[0]
+    new = q_w.new_empty
+    out = (new(D), new(D), new(D), new(A, D), new(A, D), new(D), new(A, D), new(D), new(D))
+    with record_function("alfusion::params_backward"):
+        library("params").params_backward(
+            *(t.data_ptr() for t in (g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w,
+                                     nv_b)),
+            scale, *(t.data_ptr() for t in (qhat, rstd_q, qn, q, k_q)),
+            *(t.data_ptr() for t in out), H, A // H, D, torch.get_num_threads())
+    return out

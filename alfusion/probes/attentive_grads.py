@@ -4,10 +4,12 @@ The same function as ``attentive_logits`` followed by ``weighted_loss`` in train
 for a pass of one probe on fp32 tokens without a gradient (how every probe trains on the
 CPU: one probe per pass). Written out, the backward keeps every large tensor in the layout
 its matrix products read, takes no copies between them, and records no graph: about a tenth
-of a step less than autograd on the same math (docs/benchmarks.md). The per-sample token
-products (scores, softmax, the weighted token sums, and backward the scores' and queries'
-gradients) run in one native kernel each way where it is built (native/attention.c), in torch
-otherwise. Autograd on ``attentive_logits`` is the oracle of both (tests/test_attentive_grads.py).
+of a step less than autograd on the same math (docs/benchmarks.md). Where the native kernels
+are built (docs/engine.md), three parts run in C, each one call forward and one backward:
+the query and value side's parameters (native/params.c), the token products from the scores
+to o and back to the value weights' and queries' gradients (native/attention.c), and
+BatchNorm, head and loss (native/head.c); torch computes the same otherwise. Autograd on
+``attentive_logits`` is the oracle of both (tests/test_attentive_grads.py).
 
 Shapes: B samples, T tokens, D token width, H heads of width E (A = H E), C classes. The
 forward, per sample b and head h (probes/attentive.py):
@@ -74,6 +76,74 @@ def _batch_norm_head(spec: AttentiveSpec, p: dict, buffers: dict, pooled: torch.
     return loss, grads, g_pooled
 
 
+# The parameters of the query and value side (``_params_forward``).
+PARAMS = ("query", "norm_q.weight", "norm_q.bias", "q.weight", "k.weight", "norm_k.weight",
+          "v.weight", "norm_v.weight", "norm_v.bias")
+
+
+def _params_forward(spec: AttentiveSpec, p: dict) -> dict[str, torch.Tensor]:
+    """The query in token space u (H, D), the value weights with LN_v's gain w (H, E, D) and
+    LN_v's shift (H, E), with what the backward needs."""
+    H, E, D = spec.heads, spec.head_dim, spec.dim
+    q0 = p["query"].reshape(D)
+    var, mean = torch.var_mean(q0, unbiased=False)
+    rstd_q = torch.rsqrt(var + spec.eps_q)
+    qhat = (q0 - mean) * rstd_q
+    qn = qhat * p["norm_q.weight"] + p["norm_q.bias"]
+    q = (p["q.weight"] @ qn).view(H, E)
+    w_k = p["k.weight"].view(H, E, D)
+    k_q = torch.bmm(q.unsqueeze(1), w_k).squeeze(1)  # (H, D): the query in token space
+    k_scale = p["norm_k.weight"] * spec.scale
+    w_v = p["v.weight"].view(H, E, D)
+    return dict(qhat=qhat, rstd_q=rstd_q, qn=qn, q=q, w_k=w_k, k_q=k_q, k_scale=k_scale,
+                w_v=w_v, u=k_q * k_scale, w=w_v * p["norm_v.weight"],
+                shift=(w_v * p["norm_v.bias"]).sum(-1))
+
+
+def _params_backward(spec: AttentiveSpec, p: dict, saved: dict, g_u: torch.Tensor,
+                     g_w: torch.Tensor, g_shift: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients of PARAMS given those of u (H, D), w (H, E, D) and the shift (H, E)."""
+    H, E, D = spec.heads, spec.head_dim, spec.dim
+    A = H * E
+    q, k_q, w_v = saved["q"], saved["k_q"], saved["w_v"]
+    g_k_q = g_u * saved["k_scale"]
+    grads = {"norm_k.weight": (g_u * k_q).sum(0) * spec.scale,
+             "k.weight": (q[:, :, None] * g_k_q[:, None, :]).view(A, D)}
+    g_q = torch.bmm(saved["w_k"], g_k_q[:, :, None]).view(A)
+    grads["q.weight"] = g_q[:, None] * saved["qn"]
+    g_qn = p["q.weight"].t() @ g_q
+    grads["norm_q.weight"], grads["norm_q.bias"] = g_qn * saved["qhat"], g_qn
+    grads["query"] = _layer_norm_grad(g_qn * p["norm_q.weight"], saved["qhat"],
+                                      saved["rstd_q"], 0).view(1, 1, D)
+    grads["v.weight"] = (g_w * p["norm_v.weight"] + g_shift[:, :, None] * p["norm_v.bias"]
+                         ).view(A, D)
+    grads["norm_v.weight"] = (g_w * w_v).sum((0, 1))
+    grads["norm_v.bias"] = (g_shift[:, :, None] * w_v).sum((0, 1))
+    return grads
+
+
+def _params_forward_native(spec: AttentiveSpec, p: dict) -> dict[str, torch.Tensor]:
+    """``_params_forward`` in one native call (native/params.c), w also transposed (w_t)."""
+    names = ("qhat", "rstd_q", "qn", "q", "k_q", "u", "w", "w_t", "shift")
+    out = native.params_forward(*(p[n] for n in PARAMS), spec.scale, spec.eps_q, spec.heads)
+    saved = dict(zip(names, out, strict=True))
+    saved["shift"] = saved["shift"].view(spec.heads, spec.head_dim)
+    return saved
+
+
+def _params_backward_native(spec: AttentiveSpec, p: dict, saved: dict, g_u: torch.Tensor,
+                            g_w: torch.Tensor, g_shift: torch.Tensor
+                            ) -> dict[str, torch.Tensor]:
+    """``_params_backward`` in one native call (native/params.c)."""
+    out = native.params_backward(
+        g_u, g_w, g_shift.contiguous(), p["norm_q.weight"], p["q.weight"], p["k.weight"],
+        p["norm_k.weight"], p["v.weight"], p["norm_v.weight"], p["norm_v.bias"], spec.scale,
+        *(saved[n] for n in ("qhat", "rstd_q", "qn", "q", "k_q")))
+    grads = dict(zip(PARAMS, out, strict=True))
+    grads["query"] = grads["query"].view(1, 1, spec.dim)
+    return grads
+
+
 def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.Tensor,
                              y: torch.Tensor, weights: torch.Tensor,
                              drop: torch.Tensor | None = None
@@ -92,23 +162,15 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     tokens = xhat.reshape(B * T, D)
 
     # ---- forward
-    q0 = p["query"].reshape(D)
-    var, mean = torch.var_mean(q0, unbiased=False)
-    rstd_q = torch.rsqrt(var + spec.eps_q)
-    qhat = (q0 - mean) * rstd_q
-    qn = qhat * p["norm_q.weight"] + p["norm_q.bias"]
-    q = (p["q.weight"] @ qn).view(H, E)
-    w_k = p["k.weight"].view(H, E, D)
-    k_q = torch.bmm(q.unsqueeze(1), w_k).squeeze(1)  # (H, D): the query in token space
-    k_scale = p["norm_k.weight"] * spec.scale
-    u = k_q * k_scale
-    w_v = p["v.weight"].view(H, E, D)
-    w_v_g = w_v * p["norm_v.weight"]
-    shift = (w_v * p["norm_v.bias"]).sum(-1)  # (H, E)
+    use_native = native.params_ready(xhat, *(p[n] for n in PARAMS))
+    saved = (_params_forward_native if use_native else _params_forward)(spec, p)
+    u, w_v_g, shift = saved["u"], saved["w"], saved["shift"]
     fused = native.attention_ready(xhat, u, w_v_g, drop)  # the token products in one kernel
     drop_t = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
     if fused:
-        attn, z, mass, o = native.attend_forward(xhat, u, w_v_g, drop)
+        w_t = saved.get("w_t")
+        w_t = w_v_g.transpose(1, 2).contiguous() if w_t is None else w_t
+        attn, z, mass, o = native.attend_forward(xhat, u, w_t, drop)
     else:
         attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
         attn_d = attn if drop is None else attn * drop_t
@@ -137,16 +199,6 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
             g_attn *= drop_t
         g_s = attn * (g_attn - (g_attn * attn).sum(1, keepdim=True))  # through the softmax
         g_u = g_s.view(B * T, H).t() @ tokens  # (H, D)
-    g_k_q = g_u * k_scale
-    grads["norm_k.weight"] = (g_u * k_q).sum(0) * spec.scale
-    grads["k.weight"] = (q[:, :, None] * g_k_q[:, None, :]).view(A, D)
-    g_q = torch.bmm(w_k, g_k_q[:, :, None]).view(A)
-    grads["q.weight"] = g_q[:, None] * qn
-    g_qn = p["q.weight"].t() @ g_q
-    grads["norm_q.weight"], grads["norm_q.bias"] = g_qn * qhat, g_qn
-    grads["query"] = _layer_norm_grad(g_qn * p["norm_q.weight"], qhat, rstd_q, 0).view(1, 1, D)
-    grads["v.weight"] = (g_w_v_g * p["norm_v.weight"] + g_shift[:, :, None] * p["norm_v.bias"]
-                         ).view(A, D)
-    grads["norm_v.weight"] = (g_w_v_g * w_v).sum((0, 1))
-    grads["norm_v.bias"] = (g_shift[:, :, None] * w_v).sum((0, 1))
+    grads.update((_params_backward_native if use_native else _params_backward)(
+        spec, p, saved, g_u, g_w_v_g, g_shift))
     return loss.view(1), {k: v.unsqueeze(0) for k, v in grads.items()}
