@@ -24,8 +24,8 @@ from alfusion.native.build import load
 _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
-    "attention": {"attend_forward": [_P] * 8 + [_N] * 5 + [ctypes.c_int],
-                  "attend_backward": [_P] * 9 + [_N] * 5 + [ctypes.c_int]},
+    "attention": {"attend_forward": [_P] * 9 + [_N] * 5 + [ctypes.c_int],
+                  "attend_backward": [_P] * 11 + [_N] * 5 + [ctypes.c_int]},
     "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
     "params": {"params_forward": [_P] * 9 + [_F, _F] + [_P] * 9 + [_N] * 3 + [ctypes.c_int],
                "params_backward": [_P] * 10 + [_F] + [_P] * 14 + [_N] * 3 + [ctypes.c_int]},
@@ -88,40 +88,40 @@ def attention_ready(*tensors: torch.Tensor | None) -> bool:
     return _ready("attention", *tensors)
 
 
-def attend_forward(x: torch.Tensor, u: torch.Tensor, w_t: torch.Tensor,
+def attend_forward(x: torch.Tensor, u: torch.Tensor, w_t: torch.Tensor, shift: torch.Tensor,
                    drop: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, D) tokens, u (H, D) queries in token space, w_t (H, D, E) value weights
-    transposed, drop (B, H, T) or None -> attn (B, T, H) softmax over T of x . u, z (B, H, D)
-    = sum_t attn drop x, mass (B, H) = sum_t attn drop, o (B, H, E) = w_h z[:, h]."""
+    transposed, shift (H, E) their shift, drop (B, H, T) or None -> attn (B, T, H) softmax
+    over T of x . u, z (B, H, D) = sum_t attn drop x, mass (B, H) = sum_t attn drop,
+    o (B, H, E) = w_h z[:, h] + mass[:, h] shift[h]."""
     B, T, D = x.shape
     H, _, E = w_t.shape
     attn, z, mass, o = (x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H),
                         x.new_empty(B, H, E))
     with record_function("alfusion::attend_forward"):
         library("attention").attend_forward(
-            x.data_ptr(), u.data_ptr(), w_t.data_ptr(), _ptr(drop), attn.data_ptr(),
-            z.data_ptr(), mass.data_ptr(), o.data_ptr(), B, T, D, H, E,
+            x.data_ptr(), u.data_ptr(), w_t.data_ptr(), shift.data_ptr(), _ptr(drop),
+            attn.data_ptr(), z.data_ptr(), mass.data_ptr(), o.data_ptr(), B, T, D, H, E,
             torch.get_num_threads())
     return attn, z, mass, o
 
 
 def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torch.Tensor,
-                    c: torch.Tensor, attn: torch.Tensor, drop: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_u (H, D), g_w (H, E, D)): the queries' gradient, sum over samples of g_s^T x where
-    g_s (B, T, H) is the scores' gradient, and the value weights' gradient, sum over samples
-    of g_o[:, h]^T z[:, h]; given g_o (B, H, E), the gradient of o, and c (B, H), the gradient
-    each weight gets through the mass; x, z, w, attn, drop as ``attend_forward``."""
+                    shift: torch.Tensor, mass: torch.Tensor, attn: torch.Tensor,
+                    drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Given g_o (B, H, E), the gradient of o, -> the gradients of the queries u (H, D), of
+    the shift (H, E) and of the value weights w (H, E, D); x, z, w (H, E, D), shift, mass,
+    attn, drop as ``attend_forward``."""
     B, T, D = x.shape
     H, E, _ = w.shape
-    g_u, g_w = x.new_empty(H, D), x.new_empty(H, E, D)
+    g_u, g_shift, g_w = x.new_empty(H, D), x.new_empty(H, E), x.new_empty(H, E, D)
     with record_function("alfusion::attend_backward"):
         library("attention").attend_backward(
-            x.data_ptr(), z.data_ptr(), g_o.data_ptr(), w.data_ptr(), c.data_ptr(),
-            attn.data_ptr(), _ptr(drop), g_u.data_ptr(), g_w.data_ptr(), B, T, D, H, E,
-            torch.get_num_threads())
-    return g_u, g_w
+            x.data_ptr(), z.data_ptr(), g_o.data_ptr(), w.data_ptr(), shift.data_ptr(),
+            mass.data_ptr(), attn.data_ptr(), _ptr(drop), g_u.data_ptr(), g_shift.data_ptr(),
+            g_w.data_ptr(), B, T, D, H, E, torch.get_num_threads())
+    return g_u, g_shift, g_w
 
 
 def head_ready(*tensors: torch.Tensor | None) -> bool:

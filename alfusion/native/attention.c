@@ -147,12 +147,13 @@ static int64_t padded(int64_t H) { return (H + VL - 1) / VL * VL; }
 #define CHUNK 16
 
 /* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; Wt (H, D, E)
- * the heads' value weights, transposed; drop (B, H, T) dropout multipliers or NULL. Out:
- * attn (B, T, H) softmax over t, z (B, H, D) the sums of the tokens weighted by attn x drop,
- * mass (B, H) the sums of those weights (1 without dropout), o (B, H, E) = W_h z[b, h]. */
-void attend_forward(const float *x, const float *u, const float *Wt, const float *drop,
-                    float *attn, float *z, float *mass, float *o, int64_t B, int64_t T,
-                    int64_t D, int64_t H, int64_t E, int threads) {
+ * the heads' value weights, transposed; shift (H, E) their shift; drop (B, H, T) dropout
+ * multipliers or NULL. Out: attn (B, T, H) softmax over t, z (B, H, D) the sums of the tokens
+ * weighted by attn x drop, mass (B, H) the sums of those weights (1 without dropout),
+ * o (B, H, E) = W_h z[b, h] + mass[b, h] shift[h]. */
+void attend_forward(const float *x, const float *u, const float *Wt, const float *shift,
+                    const float *drop, float *attn, float *z, float *mass, float *o, int64_t B,
+                    int64_t T, int64_t D, int64_t H, int64_t E, int threads) {
     int64_t chunks = (B + CHUNK - 1) / CHUNK, Hp = padded(H);
     float *ut = malloc(sizeof(float) * (size_t)(D * Hp));
     transpose(u, D, H, D, Hp, ut);
@@ -199,38 +200,54 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
             for (int64_t h = 0; h < H; h++)  /* o[b, h] = sum_d z[b, h, d] Wt[h, d] */
                 sums(z + first * H * D + h * D, H * D, 1, D, Wt + h * D * E, E, E, last - first,
                      o + first * H * E + h * E, H * E);
+            for (int64_t b = first; b < last; b++)
+                for (int64_t h = 0; h < H; h++)
+                    for (int64_t e = 0; e < E; e++)
+                        o[(b * H + h) * E + e] += mass[b * H + h] * shift[h * E + e];
         }
         free(w);
     }
     free(ut);
 }
 
-/* Backward. g_o (B, H, E) the gradient of o, c (B, H) what each weight's gradient gains
- * through the mass; x, W, attn, drop, z as forward. Per sample, with g_z[h] = g_o[b, h] W_h
- * (the gradient of z, never stored whole) and g = (x . g_z + c) x drop, the scores' gradient
- * is g_s = attn (g - sum_t g attn). Out: g_u (H, D) = sum_b g_s[b]^T x[b], the queries'
- * gradient, summed within each block of samples and then over the blocks in order (so for any
- * thread count alike); g_w (H, E, D) = sum_b g_o[b, h]^T z[b, h], the value weights'. */
+/* Backward. g_o (B, H, E) the gradient of o; x, z, W, shift, mass, attn, drop as forward.
+ * Per sample, with g_z[h] = g_o[b, h] W_h (the gradient of z, never stored whole) and
+ * g = (x . g_z + g_o[b, h] . shift[h]) x drop, the scores' gradient is
+ * g_s = attn (g - sum_t g attn). Out: g_u (H, D) = sum_b g_s[b]^T x[b], the queries' gradient,
+ * and g_shift (H, E) = sum_b mass[b, h] g_o[b, h], summed within each block of samples and then
+ * over the blocks in order (so for any thread count alike); g_w (H, E, D) =
+ * sum_b g_o[b, h]^T z[b, h], the value weights'. */
 void attend_backward(const float *x, const float *z, const float *g_o, const float *W,
-                     const float *c, const float *attn, const float *drop, float *g_u,
-                     float *g_w, int64_t B, int64_t T, int64_t D, int64_t H, int64_t E,
-                     int threads) {
-    int64_t chunks = (B + CHUNK - 1) / CHUNK;
-    float *partial = malloc(sizeof(float) * (size_t)(chunks * H * D));
+                     const float *shift, const float *mass, const float *attn,
+                     const float *drop, float *g_u, float *g_shift, float *g_w, int64_t B,
+                     int64_t T, int64_t D, int64_t H, int64_t E, int threads) {
+    int64_t chunks = (B + CHUNK - 1) / CHUNK, A = H * E;
+    float *partial = malloc(sizeof(float) * (size_t)(chunks * (H * D + A)));
+    float *partial_shift = partial + chunks * H * D;
 #pragma omp parallel num_threads(threads)
     {
-        float *g_z = malloc(sizeof(float) * (size_t)(CHUNK * H * D + CHUNK * T * H + H));
-        float *g_s = g_z + CHUNK * H * D, *sum = g_s + CHUNK * T * H;
+        float *g_z = malloc(sizeof(float) * (size_t)(CHUNK * H * D + CHUNK * T * H + 2 * H));
+        float *g_s = g_z + CHUNK * H * D, *sum = g_s + CHUNK * T * H, *c = sum + H;
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
+            float *ps = partial_shift + k * A;
+            for (int64_t a = 0; a < A; a++) ps[a] = 0.0f;
+            for (int64_t b = first; b < last; b++)
+                for (int64_t h = 0; h < H; h++)
+                    for (int64_t e = 0; e < E; e++)
+                        ps[h * E + e] += mass[b * H + h] * g_o[b * A + h * E + e];
             for (int64_t h = 0; h < H; h++)
                 sums(g_o + first * H * E + h * E, H * E, 1, E, W + h * E * D, D, D, last - first,
                      g_z + h * D, H * D);  /* g_z[b, h] = sum_e g_o[b, h, e] W[h, e] */
             for (int64_t b = first; b < last; b++) {
                 float *g = g_s + (b - first) * T * H;
                 const float *a = attn + b * T * H;
-                dots(x + b * T * D, D, T, g_z + (b - first) * H * D, D, H, D, c + b * H, g, H);
+                for (int64_t h = 0; h < H; h++) {  /* what each weight gains through the mass */
+                    c[h] = 0.0f;
+                    for (int64_t e = 0; e < E; e++) c[h] += g_o[b * A + h * E + e] * shift[h * E + e];
+                }
+                dots(x + b * T * D, D, T, g_z + (b - first) * H * D, D, H, D, c, g, H);
                 if (drop) {
                     const float *db = drop + b * H * T;
                     for (int64_t t = 0; t < T; t++)
@@ -252,6 +269,12 @@ void attend_backward(const float *x, const float *z, const float *g_o, const flo
             float total = 0.0f;
             for (int64_t k = 0; k < chunks; k++) total += partial[k * H * D + e];
             g_u[e] = total;
+        }
+#pragma omp for schedule(static)
+        for (int64_t a = 0; a < A; a++) {
+            float total = 0.0f;
+            for (int64_t k = 0; k < chunks; k++) total += partial_shift[k * A + a];
+            g_shift[a] = total;
         }
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; h++)

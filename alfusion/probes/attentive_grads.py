@@ -165,12 +165,12 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     use_native = native.params_ready(xhat, *(p[n] for n in PARAMS))
     saved = (_params_forward_native if use_native else _params_forward)(spec, p)
     u, w_v_g, shift = saved["u"], saved["w"], saved["shift"]
-    fused = native.attention_ready(xhat, u, w_v_g, drop)  # the token products in one kernel
+    fused = native.attention_ready(xhat, u, w_v_g, shift, drop)  # token products in C
     drop_t = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
     if fused:
         w_t = saved.get("w_t")
         w_t = w_v_g.transpose(1, 2).contiguous() if w_t is None else w_t
-        attn, z, mass, o = native.attend_forward(xhat, u, w_t, drop)
+        attn, z, mass, o = native.attend_forward(xhat, u, w_t, shift, drop)
     else:
         attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
         attn_d = attn if drop is None else attn * drop_t
@@ -178,18 +178,20 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
         mass = attn_d.sum(1)  # (B, H): sum_t a, 1 without dropout
         o = torch.empty(B, H, E, dtype=xhat.dtype, device=xhat.device)
         torch.bmm(z.transpose(0, 1), w_v_g.transpose(1, 2), out=o.transpose(0, 1))
-    o = (o + mass[:, :, None] * shift).view(B, A)
+        o += mass[:, :, None] * shift
+    o = o.view(B, A)
     pooled = torch.addmm(p["proj.bias"], o, p["proj.weight"].t())  # (B, D)
     loss, grads, g_pooled = _batch_norm_head(spec, p, buffers, pooled, y, weights)
 
     # ---- backward (g_name: the loss's gradient with respect to name)
     grads["proj.weight"], grads["proj.bias"] = g_pooled.t() @ o, g_pooled.sum(0)
     g_o = (g_pooled @ p["proj.weight"]).view(B, H, E)
-    g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
-    g_mass = (g_o * shift).sum(-1)  # (B, H)
     if fused:
-        g_u, g_w_v_g = native.attend_backward(xhat, z, g_o, w_v_g, g_mass, attn, drop)
+        g_u, g_shift, g_w_v_g = native.attend_backward(xhat, z, g_o, w_v_g, shift, mass, attn,
+                                                       drop)
     else:
+        g_shift = (g_o * mass[:, :, None]).sum(0)  # (H, E)
+        g_mass = (g_o * shift).sum(-1)  # (B, H)
         g_o_h = g_o.transpose(0, 1)  # (H, B, E) view
         g_w_v_g = torch.bmm(g_o_h.transpose(1, 2), z.transpose(0, 1))  # (H, E, D)
         g_z = torch.bmm(g_o_h, w_v_g)  # (H, B, D)
