@@ -26,9 +26,9 @@ void batch_norm_head(const float *pooled, const float *gamma, const float *beta,
                      float *mean, float *var, float *loss, float *g_pooled, float *g_gamma,
                      float *g_beta, float *g_W, float *g_bias, int64_t B, int64_t D, int64_t C,
                      int threads) {
-    float *normed = malloc(sizeof(float) * (size_t)(2 * B * D + B * C + B + 4 * D));
+    float *normed = malloc(sizeof(float) * (size_t)(2 * B * D + B * C + B + 3 * D));
     float *g_h = normed + B * D, *g = g_h + B * D, *each = g + B * C;
-    float *rstd = each + B, *g_mean = rstd + D, *g_mean_n = g_mean + D, *h = g_mean_n + D;
+    float *rstd = each + B, *g_mean = rstd + D, *g_mean_n = g_mean + D;
     float total = 0.0f;
     for (int64_t b = 0; b < B; b++) total += w_y[b];
 #pragma omp parallel num_threads(threads)
@@ -81,18 +81,17 @@ void batch_norm_head(const float *pooled, const float *gamma, const float *beta,
         /* per feature: the parameters' gradients, then the pooled features': with
          * g_n = g_h gamma, rstd (g_n - mean_b g_n - normed mean_b (g_n normed)) */
         for (int64_t d = d0; d < d1; d++) g_gamma[d] = g_beta[d] = 0.0f;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t d = d0; d < d1; d++) g_beta[d] += g_h[b * D + d];
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t d = d0; d < d1; d++) g_gamma[d] += g_h[b * D + d] * normed[b * D + d];
+        /* g_W[c] = sum_b g[b, c] (normed[b] gamma + beta) = gamma sum_b g[b, c] normed[b]
+         * + beta g_bias[c] */
         for (int64_t c = 0; c < C; c++)
             for (int64_t d = d0; d < d1; d++) g_W[c * D + d] = 0.0f;
-        for (int64_t b = 0; b < B; b++) {
-            for (int64_t d = d0; d < d1; d++) {
-                float n = normed[b * D + d], gh = g_h[b * D + d];
-                g_beta[d] += gh;
-                g_gamma[d] += gh * n;
-                h[d] = n * gamma[d] + beta[d];
-            }
+        for (int64_t b = 0; b < B; b++)
             for (int64_t c = 0; c < C; c++)
-                for (int64_t d = d0; d < d1; d++) g_W[c * D + d] += g[b * C + c] * h[d];
-        }
+                for (int64_t d = d0; d < d1; d++) g_W[c * D + d] += g[b * C + c] * normed[b * D + d];
         for (int64_t d = d0; d < d1; d++) g_mean[d] = g_beta[d] * gamma[d] / (float)B;
         for (int64_t d = d0; d < d1; d++) g_mean_n[d] = g_gamma[d] * gamma[d] / (float)B;
         for (int64_t b = 0; b < B; b++)
@@ -107,6 +106,7 @@ void batch_norm_head(const float *pooled, const float *gamma, const float *beta,
         float s = 0.0f;
         for (int64_t b = 0; b < B; b++) s += g[b * C + c];
         g_bias[c] = s;
+        for (int64_t d = 0; d < D; d++) g_W[c * D + d] = g_W[c * D + d] * gamma[d] + beta[d] * s;
     }
     free(normed);
 }
