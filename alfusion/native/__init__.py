@@ -2,10 +2,12 @@
 
 jitter.c: the feature jitter's noise and the tokens' LayerNorm in one pass (the noise from
 Philox, where the torch path in random_draws.py draws from torch's generator: the same
-distribution, other numbers); attention.c: the attentive probe's per-sample token products
-(scores, softmax, weighted sums and their gradients), what its caller's torch code computes,
-to float rounding. ``*_ready`` says whether the kernel is built (build.py: compiled on first
-use, cached; no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors
+distribution, other numbers). For the hand-derived step of an attentive probe
+(probes/attentive_grads.py), what its torch code computes, to float rounding: attention.c,
+the token-side products (scores, softmax, weighted sums, the value products and their
+gradients); params.c, the query and value side's parameters; head.c, BatchNorm, classifier
+and loss. ``*_ready`` says whether the kernel is built (build.py: compiled on first use,
+cached; no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors
 (contiguous fp32 on the CPU, outside autograd). Kernels use torch's thread count and give the
 same result for any thread count; torch.profiler sees each call as ``alfusion::<kernel>``.
 """
