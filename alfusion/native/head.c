@@ -11,8 +11,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Features [*first, *last) of `threads` equal ranges, for thread `t`. */
-static void share(int64_t D, int t, int threads, int64_t *first, int64_t *last) {
+/* Features [*first, *last) of the calling thread's equal share of D. */
+static void share(int64_t D, int64_t *first, int64_t *last) {
+    int t = omp_get_thread_num(), threads = omp_get_num_threads();
     *first = D * t / threads;
     *last = D * (t + 1) / threads;
 }
@@ -34,7 +35,7 @@ void batch_norm_head(const float *pooled, const float *gamma, const float *beta,
 #pragma omp parallel num_threads(threads)
     {
         int64_t d0, d1;
-        share(D, omp_get_thread_num(), omp_get_num_threads(), &d0, &d1);
+        share(D, &d0, &d1);
         /* the batch's statistics and the normalised features, per feature */
         for (int64_t d = d0; d < d1; d++) mean[d] = var[d] = 0.0f;
         for (int64_t b = 0; b < B; b++)
