@@ -37,8 +37,8 @@ def autograd_loss_and_grads(bank: ProbeBank, buffers: dict, xhat, y, weights, dr
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "d{}h{}e{}t{}".format(*s))
 def test_hand_gradients_equal_autograd(shape, drop, kernels):
     """Loss, every parameter's gradient and BatchNorm's running statistics, with every
-    parameter random and tokens off-centre, with and without dropout, with the native token
-    products (native/attention.c) and with torch's."""
+    parameter random and tokens off-centre, with and without dropout, with the native kernels
+    (native/attention.c, params.c, head.c) and with torch's path."""
     check_hand_gradients(shape, drop, kernels, batch=12)
 
 
