@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #ifdef __AVX512F__
 #define VL 16
@@ -71,13 +74,23 @@ static void dots(const float *X, int64_t ldx, int64_t R, const float *Y, int64_t
 
 /* sums: out[r ldo + d] = sum_j K[r kr + j kj] M[j ldm + d] for d < D: R rows, each the sum
  * of the J rows of M weighted by coefficients K, in the order of j; 8 rows x 3 vectors at a
- * time (and smaller blocks at the edges). */
+ * time (and smaller blocks at the edges). The sums start from the first term (J >= 1). */
 #define SUMS_BLOCK(RB, VB)                                                                      \
     static inline void sums_##RB##x##VB(const float *K, int64_t kr, int64_t kj, int64_t J,     \
-                                        const float *M, int64_t ldm, float *out, int64_t ldo) { \
-        vf acc[RB][VB] = {{0}};                                                                 \
-        for (int64_t j = 0; j < J; j++) {                                                       \
-            vf m[VB];                                                                           \
+                                        const float *M, int64_t ldm, float *out, int64_t ldo,   \
+                                        int add) {                                              \
+        vf acc[RB][VB], m[VB];                                                                  \
+        int64_t j = 0;                                                                          \
+        if (add) {                                                                              \
+            for (int i = 0; i < RB; i++)                                                        \
+                for (int v = 0; v < VB; v++) acc[i][v] = load(out + i * ldo + v * VL);          \
+        } else {                                                                                \
+            for (int v = 0; v < VB; v++) m[v] = load(M + v * VL);                               \
+            for (int i = 0; i < RB; i++)                                                        \
+                for (int v = 0; v < VB; v++) acc[i][v] = K[i * kr] * m[v];                      \
+            j = 1;                                                                              \
+        }                                                                                       \
+        for (; j < J; j++) {                                                                    \
             for (int v = 0; v < VB; v++) m[v] = load(M + j * ldm + v * VL);                     \
             for (int i = 0; i < RB; i++) {                                                      \
                 float k = K[i * kr + j * kj];                                                   \
@@ -99,25 +112,33 @@ SUMS_BLOCK(1, 1)
         const float *k = K + r * kr;                                                            \
         float *o = out + r * ldo;                                                               \
         int64_t d = 0;                                                                          \
-        for (; d + 3 * VL <= D; d += 3 * VL) sums_##RB##x3(k, kr, kj, J, M + d, ldm, o + d, ldo); \
+        for (; d + 3 * VL <= D; d += 3 * VL)                                                    \
+            sums_##RB##x3(k, kr, kj, J, M + d, ldm, o + d, ldo, add);                           \
         if (d + 2 * VL <= D) {                                                                  \
-            sums_##RB##x2(k, kr, kj, J, M + d, ldm, o + d, ldo);                                \
+            sums_##RB##x2(k, kr, kj, J, M + d, ldm, o + d, ldo, add);                           \
             d += 2 * VL;                                                                        \
         }                                                                                       \
-        for (; d + VL <= D; d += VL) sums_##RB##x1(k, kr, kj, J, M + d, ldm, o + d, ldo);       \
+        for (; d + VL <= D; d += VL) sums_##RB##x1(k, kr, kj, J, M + d, ldm, o + d, ldo, add);  \
         for (; d < D; d++)                                                                      \
             for (int i = 0; i < RB; i++) {                                                      \
-                float s = 0.0f;                                                                 \
+                float s = add ? o[i * ldo + d] : 0.0f;                                          \
                 for (int64_t j = 0; j < J; j++) s += k[i * kr + j * kj] * M[j * ldm + d];       \
                 o[i * ldo + d] = s;                                                             \
             }                                                                                   \
     }
 
-static void sums(const float *K, int64_t kr, int64_t kj, int64_t J, const float *M, int64_t ldm,
-                 int64_t D, int64_t R, float *out, int64_t ldo) {
+/* sums_into: sums, or with add set, the sums added to out's values (continued in the order
+ * of j, so sums over j in parts equal the sums over all j at once). */
+static void sums_into(const float *K, int64_t kr, int64_t kj, int64_t J, const float *M,
+                      int64_t ldm, int64_t D, int64_t R, float *out, int64_t ldo, int add) {
     int64_t r = 0;
     for (; r + 8 <= R; r += 8) SUMS_ROWS(8)
     for (; r < R; r++) SUMS_ROWS(1)
+}
+
+static inline void sums(const float *K, int64_t kr, int64_t kj, int64_t J, const float *M,
+                        int64_t ldm, int64_t D, int64_t R, float *out, int64_t ldo) {
+    sums_into(K, kr, kj, J, M, ldm, D, R, out, ldo, 0);
 }
 
 /* Y (H rows of D, row stride ldy) -> Yt (D, Hp), Yt[d Hp + h] = Y[h ldy + d], zero for
@@ -146,6 +167,20 @@ static int64_t padded(int64_t H) { return (H + VL - 1) / VL * VL; }
  * depend on the thread count. */
 #define CHUNK 16
 
+/* dst[0 .. n) = src[0 .. n) with stores that bypass the caches where dst is aligned (z, 15 MB
+ * a step, is next read in the backward, long after the cache has dropped it: a store through
+ * the cache would first read each line from memory). */
+static void copy_out(float *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    if (((uintptr_t)dst & 63) == 0 && ((uintptr_t)src & 63) == 0) {
+        for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
+        _mm_sfence();
+    }
+#endif
+    memcpy(dst + i, src + i, sizeof(float) * (size_t)(n - i));
+}
+
 /* Forward. x (B, T, D) normalised tokens; u (H, D) the queries in token space; Wt (H, D, E)
  * the heads' value weights, transposed; shift (H, E) their shift; drop (B, H, T) dropout
  * multipliers or NULL. Out: attn (B, T, H) softmax over t, z (B, H, D) the sums of the tokens
@@ -161,6 +196,7 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
     {
         float *w = malloc(sizeof(float) * (size_t)(T * H + H + T * Hp));
         float *top = w + T * H, *scratch = top + H;
+        float *zk = aligned_alloc(64, sizeof(float) * (size_t)(CHUNK * H * D));  /* the block's z */
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
@@ -195,17 +231,19 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
                     for (int64_t h = 0; h < H; h++) m[h] = 1.0f;
                 }
                 /* z[b, h] = sum_t weights[t, h] x[b, t] */
-                sums(weights, 1, H, T, xb, D, D, H, z + b * H * D, D);
+                sums(weights, 1, H, T, xb, D, D, H, zk + (b - first) * H * D, D);
             }
             for (int64_t h = 0; h < H; h++)  /* o[b, h] = sum_d z[b, h, d] Wt[h, d] */
-                sums(z + first * H * D + h * D, H * D, 1, D, Wt + h * D * E, E, E, last - first,
+                sums(zk + h * D, H * D, 1, D, Wt + h * D * E, E, E, last - first,
                      o + first * H * E + h * E, H * E);
             for (int64_t b = first; b < last; b++)
                 for (int64_t h = 0; h < H; h++)
                     for (int64_t e = 0; e < E; e++)
                         o[(b * H + h) * E + e] += mass[b * H + h] * shift[h * E + e];
+            copy_out(z + first * H * D, zk, (last - first) * H * D);
         }
         free(w);
+        free(zk);
     }
     free(ut);
 }
@@ -226,8 +264,8 @@ void attend_backward(const float *x, const float *z, const float *g_o, const flo
     float *partial_shift = partial + chunks * H * D;
 #pragma omp parallel num_threads(threads)
     {
-        float *g_z = malloc(sizeof(float) * (size_t)(CHUNK * H * D + CHUNK * T * H + 2 * H));
-        float *g_s = g_z + CHUNK * H * D, *sum = g_s + CHUNK * T * H, *c = sum + H;
+        float *g_z = malloc(sizeof(float) * (size_t)(CHUNK * H * D + T * H + 2 * H));
+        float *g = g_z + CHUNK * H * D, *sum = g + T * H, *c = sum + H;  /* g: one sample's g_s */
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
@@ -241,7 +279,6 @@ void attend_backward(const float *x, const float *z, const float *g_o, const flo
                 sums(g_o + first * H * E + h * E, H * E, 1, E, W + h * E * D, D, D, last - first,
                      g_z + h * D, H * D);  /* g_z[b, h] = sum_e g_o[b, h, e] W[h, e] */
             for (int64_t b = first; b < last; b++) {
-                float *g = g_s + (b - first) * T * H;
                 const float *a = attn + b * T * H;
                 for (int64_t h = 0; h < H; h++) {  /* what each weight gains through the mass */
                     c[h] = 0.0f;
@@ -259,9 +296,9 @@ void attend_backward(const float *x, const float *z, const float *g_o, const flo
                 for (int64_t t = 0; t < T; t++)
                     for (int64_t h = 0; h < H; h++)
                         g[t * H + h] = a[t * H + h] * (g[t * H + h] - sum[h]);
+                /* the block's part of g_u, its samples' terms in order (x[b] still cached) */
+                sums_into(g, 1, H, T, x + b * T * D, D, D, H, partial + k * H * D, D, b > first);
             }
-            /* the block's samples' tokens as one (rows, D) matrix */
-            sums(g_s, 1, H, (last - first) * T, x + first * T * D, D, D, H, partial + k * H * D, D);
         }
         free(g_z);
 #pragma omp for schedule(static)
