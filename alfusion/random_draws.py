@@ -42,11 +42,13 @@ class ProbeStream:
 
     def jitter(self, x: torch.Tensor, p: float, sigma: float, mode: str = "per_sample",
                out: torch.Tensor | None = None, part: tuple[int, int] = (0, 1),
-               eps: float | None = None) -> torch.Tensor:
+               eps: float | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, ..., D) -> x with N(0, sigma^2) noise on each whole sample with probability p
         (``per_batch``: on the whole batch with probability p; ``off``: none), written into
         ``out`` (B, ...) when given (``out`` may be x itself: the noise is added in place).
         ``eps``: then each token is normalised (LayerNorm without affine along D, fp32).
+        ``index`` (B,): the batch is x's rows ``index`` (x.index_select(0, index)), gathered
+        here.
 
         ``part`` (rank, world): x holds rows rank, rank + world, ... of a global batch of
         world x B rows (a data-parallel rank's share); the coins are flipped for the global
@@ -55,28 +57,35 @@ class ProbeStream:
 
         The noise: on the CPU (fp32), native/jitter.c computes it from Philox, keyed by one
         64-bit draw of this stream and the sample's global row, fused with the normalisation
-        (a fifth of the time of torch's generator and LayerNorm); elsewhere (GPUs; no C
-        compiler) torch's generator draws it for the chosen samples. Either way half the
-        random numbers at p = 0.5: noise only for the chosen samples."""
-        if out is not None and out is not x:
-            out.copy_(x)
+        and the gather (a fifth of the time of torch's generator and LayerNorm); elsewhere
+        (GPUs; no C compiler) torch's generator draws it for the chosen samples. Either way
+        half the random numbers at p = 0.5: noise only for the chosen samples."""
+        batch = len(x) if index is None else len(index)
         rows = None
         if p > 0 and sigma > 0 and mode != "off":
             rank, world = part
-            n = x.shape[0] * world
+            n = batch * world
             coins = 1 if mode == "per_batch" else n
             chosen = torch.rand(coins, generator=self.generator, device=x.device) < p
             rows = (chosen.expand(n) if mode == "per_batch" else chosen).nonzero()[:, 0]
-        if rows is None and eps is None:
-            return x if out is None else out
-        target = x.clone() if out is None else out
-        if native.jitter_ready(target):
-            local, key = torch.full((x.shape[0],), -1, dtype=torch.int64), 0  # -1: no noise
+        if (rows is not None or eps is not None) and native.jitter_ready(x) and (
+                out is None or native.jitter_ready(out)):
+            target = x.new_empty((batch, *x.shape[1:])) if out is None else out
+            local, key = torch.full((batch,), -1, dtype=torch.int64), 0  # -1: no noise
             if rows is not None:
                 mine = rows[rows % world == rank]
                 local[mine // world] = mine
                 key = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
-            return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps)
+            return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps,
+                                         source=x, index=index)
+        if index is not None:  # a new tensor: the noise may go into it
+            x = x.index_select(0, index)
+            out = x if out is None else out
+        if out is not None and out is not x:
+            out.copy_(x)
+        if rows is None and eps is None:
+            return x if out is None else out
+        target = x.clone() if out is None else out
         if rows is not None:
             noise = torch.randn((rows.numel(), *x.shape[1:]), generator=self.generator,
                                 device=x.device, dtype=x.dtype)

@@ -96,7 +96,7 @@ def step_times(configs, x, y, weights, batch, min_steps, warmup, jitter_draws,
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     plan = batch_plan(len(y), batch, 1, 1, total_steps)
     walls, cpus = [], []
-    for i, (xb, yb) in enumerate(TensorSteps(x, y, plan, seed=0)):
+    for i, (xb, yb) in enumerate(TensorSteps(x, y, plan, seed=0, gather=False)):
         t0, c0 = time.perf_counter(), time.process_time()
         with amp:
             core.step(xb, yb)

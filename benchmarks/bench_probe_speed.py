@@ -95,11 +95,11 @@ class OurLoop:
         bank = ProbeBank.from_probes([fresh_probe(make, HP, 0)])
         self.core = BankStep(bank, [HP], TOTAL_STEPS, weights, seed=0)
         plan = batch_plan(len(y), BATCH, 5, 1, TOTAL_STEPS)
-        self.it = iter(TensorSteps(x, y, plan, seed=0))
+        self.it = iter(TensorSteps(x, y, plan, seed=0, gather=False))
 
     def step(self) -> None:
         xb, yb = next(self.it)
-        self.core.step(xb, yb, owned=True)  # as fit_bank runs it: each batch a fresh copy
+        self.core.step(xb, yb)  # as fit_bank runs it: the batch as Rows, gathered by the jitter
 
 
 def per_step(loop, steps: int) -> tuple[float, float]:

@@ -116,6 +116,22 @@ def test_ranks_jitter_their_rows_as_one_process_does():
     assert 0 < touched.flatten(1).all(1).sum() < 12
 
 
+@pytest.mark.parametrize("eps", [1e-6, None])
+def test_rows_read_from_the_source_equal_the_gathered_batch(eps):
+    """The fit's batch as rows of the features: the kernel reads them as it jitters; the
+    result is the jitter of the gathered batch, bit for bit (torch's path alike)."""
+    x, index = torch.randn(30, 4, 32), torch.tensor([7, 3, 29, 3, 0, 12, 18, 21])
+    gathered = ProbeStream(5).jitter(x[index], 0.5, 0.05, eps=eps)
+    assert torch.equal(ProbeStream(5).jitter(x, 0.5, 0.05, eps=eps, index=index), gathered)
+    out = torch.empty(8, 4, 32)
+    assert ProbeStream(5).jitter(x, 0.5, 0.05, eps=eps, index=index, out=out) is out
+    assert torch.equal(out, gathered)
+    with native.off():
+        by_torch = ProbeStream(5).jitter(x[index], 0.5, 0.05, eps=eps)
+        assert torch.equal(ProbeStream(5).jitter(x, 0.5, 0.05, eps=eps, index=index), by_torch)
+    assert not torch.equal(by_torch, gathered)  # the two noises differ: both paths ran
+
+
 def test_tokens_that_need_a_gradient_are_jittered_and_normalised_by_torch():
     """A trainable backbone's tokens: the kernel would write out of autograd's sight."""
     x = torch.randn(8, 3, 16, requires_grad=True)

@@ -17,6 +17,7 @@ from conftest import compose_config
 from sklearn.metrics import balanced_accuracy_score
 
 from alfusion.engine import TokenData, fit_bank
+from alfusion.engine.data import Rows
 from alfusion.probes import build_probe
 from alfusion.protocol import HParams, NonFiniteLoss
 from alfusion.resume import RunState
@@ -48,7 +49,8 @@ class RecordingData(TokenData):
         rows = set()
         self.fits.append(rows)
         for xb, yb in super().steps(*args, **kwargs):
-            rows.update(self.row_of[r.numpy().tobytes()] for r in xb)
+            batch = xb.gather() if isinstance(xb, Rows) else xb
+            rows.update(self.row_of[r.numpy().tobytes()] for r in batch)
             yield xb, yb
 
 

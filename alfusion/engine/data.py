@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,13 +26,27 @@ STREAM_SPLIT_REFUSED = ("a streamed dataset cannot be split for validation, a se
                         "fewshot_k=null (or cache its features: mode=cached)")
 
 
+class Rows(NamedTuple):
+    """A batch not yet gathered: rows ``index`` (B,) of ``source`` (N, ...). The step's jitter
+    reads them straight from the source (one pass over the batch fewer); ``gather`` makes
+    the batch where nothing does."""
+
+    source: torch.Tensor
+    index: torch.Tensor
+
+    def gather(self) -> torch.Tensor:
+        return self.source.index_select(0, self.index)
+
+
 class TensorSteps:
     """Batches (x[idx], y[idx]) of steps start .. plan.steps - 1: step s takes batch
-    s % E of epoch s // E's permutation (E = plan.per_epoch). Tensors stay where they are."""
+    s % E of epoch s // E's permutation (E = plan.per_epoch). Tensors stay where they are;
+    ``gather=False``: x's batches as Rows(x, idx) (what the engine's fits take)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, seed: int,
-                 start: int = 0) -> None:
+                 start: int = 0, gather: bool = True) -> None:
         self.x, self.y, self.plan, self.seed, self.start = x, y, plan, seed, start
+        self.gather = gather
 
     def __len__(self) -> int:
         return self.plan.steps - self.start
@@ -43,7 +58,8 @@ class TensorSteps:
             if e != epoch:
                 epoch, order = e, epoch_permutation(n, self.seed, e).to(self.y.device)
             idx = order[k * b:(k + 1) * b]
-            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+            xb = self.x.index_select(0, idx) if self.gather else Rows(self.x, idx)
+            yield xb, self.y.index_select(0, idx)
 
 
 def scoring_rows(bank: ProbeBank) -> int:
@@ -106,10 +122,10 @@ class TokenData:
 
     def steps(self, plan: BatchPlan, seed: int, start: int, world: int, rank: int,
               pin_memory: bool = False, audit: Path | None = None, device=None):
-        """The fit's batches; with ``world`` > 1 (data-parallel) this rank's every world-th
-        sample of each (distributed.RankSampler)."""
+        """The fit's batches, x's as Rows; with ``world`` > 1 (data-parallel) this rank's
+        every world-th sample of each (distributed.RankSampler), gathered."""
         if world == 1:
-            return TensorSteps(self.x, self.y, plan, seed, start)
+            return TensorSteps(self.x, self.y, plan, seed, start, gather=False)
         batches = StepBatches(RankSampler(len(self), rank, world, seed=seed),
                               plan.batch // world, plan.steps, start)
         if audit is not None:

@@ -109,7 +109,7 @@ class BankModule(L.LightningModule):
         x, y = batch
         if self.encoder is not None:
             x = self.encoder(x)
-        losses = self.core.step(x, y, owned=True)  # the loaders' batches are fresh copies
+        losses = self.core.step(x, y, owned=True)  # batches are fresh copies or Rows
         s = self.core.step_count
         if s % self.log_every and not self.core.finished:
             return  # reading the losses waits for the device: every log_every steps only

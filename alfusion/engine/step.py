@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from alfusion.engine.data import Rows
 from alfusion.probes.attentive_grads import attentive_loss_and_grads
 from alfusion.probes.bank import ProbeBank
 from alfusion.probes.functional import probe_logits, weighted_loss
@@ -92,13 +93,14 @@ class BankStep:
 
     # -------------------------------------------------------------------------- inputs
 
-    def _jittered(self, stream: ProbeStream, xb: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """xb (B, ...) jittered by ``stream``, attentive tokens normalised (in one native pass
-        on the CPU, random_draws.py), into ``out`` when given."""
+    def _jittered(self, stream: ProbeStream, xb: torch.Tensor, out: torch.Tensor | None = None,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
+        """xb (B, ...) (or its rows ``index``) jittered by ``stream``, attentive tokens
+        normalised (in one native pass on the CPU, random_draws.py), into ``out`` when
+        given."""
         eps = self.bank.spec.eps_kv if self.bank.kind == "attentive" else None
         return stream.jitter(xb, self.jitter_p, self.jitter_sigma, self.jitter, out=out,
-                             part=self.part, eps=eps)
+                             part=self.part, eps=eps, index=index)
 
     def _inputs(self, xb: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
         """What each probe of the pass sees, attentive tokens normalised: (B, ...) shared by
@@ -135,9 +137,11 @@ class BankStep:
                 and not self.extra and x.device.type == "cpu" and x.dtype == torch.float32
                 and not x.requires_grad and not torch.is_autocast_enabled("cpu"))
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor, owned: bool = False) -> torch.Tensor:
+    def step(self, xb: torch.Tensor | Rows, yb: torch.Tensor, owned: bool = False
+             ) -> torch.Tensor:
         """One optimiser step of every probe on the batch xb (B, ...), yb (B,) -> losses (G,).
-        ``owned``: xb is this step's own copy (the engine's loaders make one per step), so
+        xb may be Rows (a batch not yet gathered: the shared jitter gathers it as it reads
+        it). ``owned``: xb is this step's own copy (the image loaders make one per step), so
         the shared jitter is added to it in place instead of to a copy.
 
         Pass by pass: forward, backward, clipping and AdamW of the pass's probes, so that
@@ -148,13 +152,18 @@ class BankStep:
         if G == 0:  # this rank's share of a split grid is empty: it only keeps step
             self.step_count += 1
             return torch.empty(0, device=bank.device)
-        # fp16 cached tokens become a new fp32 tensor here: this step's own too
-        owned = (owned or xb.dtype != torch.float32) and not xb.requires_grad
-        xb = xb.float()
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
-        self._shared_x = self._jittered(self.shared_stream, xb, out=xb if owned else None) \
-            if shared else None
+        if isinstance(xb, Rows) and shared and xb.source.dtype == torch.float32:
+            xb = self._shared_x = self._jittered(self.shared_stream, xb.source, index=xb.index)
+        else:
+            if isinstance(xb, Rows):
+                xb, owned = xb.gather(), True
+            # fp16 cached tokens become a new fp32 tensor here: this step's own too
+            owned = (owned or xb.dtype != torch.float32) and not xb.requires_grad
+            xb = xb.float()
+            self._shared_x = self._jittered(self.shared_stream, xb, out=xb if owned else None) \
+                if shared else None
         total_weight = None
         if self.sync:  # the weighted mean over the global batch
             total_weight = self.weights[yb].sum()

@@ -25,7 +25,8 @@ from alfusion.native.build import load
 
 _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "jitter": {"jitter_tokens": [_P, _N, _N, _N, _P, ctypes.c_uint64, _F, _F, ctypes.c_int]},
+    "jitter": {"jitter_tokens": [_P] * 3 + [_N, _N, _N, _P, ctypes.c_uint64, _F, _F,
+                                                ctypes.c_int]},
     "attention": {"attend_forward": [_P] * 9 + [_N] * 5 + [ctypes.c_int],
                   "attend_backward": [_P] * 11 + [_N] * 5 + [ctypes.c_int]},
     "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
@@ -74,15 +75,20 @@ def jitter_ready(x: torch.Tensor) -> bool:
 
 
 def jitter_tokens_(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
-                   eps: float | None) -> torch.Tensor:
-    """In place on x (B, ..., D): sample s gets sigma x the Philox noise of global row
-    rows[s] ((B,) int64; -1: none) under the 64-bit ``key``; then, with ``eps``, each token
-    (last dimension) is normalised: (v - mean) / sqrt(var + eps). Returns x."""
+                   eps: float | None, source: torch.Tensor | None = None,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, ..., D) written from ``source``'s samples (default: x itself, in place), sample s
+    from ``source[index[s]]`` ((B,) int64; default s): sample s gets sigma x the Philox noise
+    of global row rows[s] ((B,) int64; -1: none) under the 64-bit ``key``; then, with ``eps``,
+    each token (last dimension) is normalised: (v - mean) / sqrt(var + eps). Returns x."""
+    source = x if source is None else source
     rows = rows.contiguous()
+    index = None if index is None else index.contiguous()
     with record_function("alfusion::jitter_tokens"):
         library("jitter").jitter_tokens(
-            x.data_ptr(), x.shape[0], x[0].numel(), x.shape[-1], rows.data_ptr(), key, sigma,
-            -1.0 if eps is None else eps, torch.get_num_threads())
+            x.data_ptr(), source.data_ptr(), _ptr(index), x.shape[0], x[0].numel(),
+            x.shape[-1], rows.data_ptr(), key, sigma, -1.0 if eps is None else eps,
+            torch.get_num_threads())
     return x
 
 

@@ -57,21 +57,27 @@ static void philox_block(uint32_t first, uint64_t row, uint64_t key, float *rest
     }
 }
 
-/* x: B samples of n floats (tokens of width D, n = T * D), changed in place. rows[b]: the
- * global row of sample b when it is jittered, -1 when not. eps < 0: no LayerNorm. */
-void jitter_tokens(float *x, int64_t B, int64_t n, int64_t D, const int64_t *rows,
-                   uint64_t key, float sigma, float eps, int threads) {
+/* x: B samples of n floats (tokens of width D, n = T * D), written from src's samples:
+ * x[s] = src[index[s]] (index NULL: src[s]; src may be x itself, in place), with the noise
+ * where rows[s], the global row of sample s, is >= 0 (-1: none). eps < 0: no LayerNorm.
+ * Reading each sample from src as it is jittered spares the batch's gather a pass. */
+void jitter_tokens(float *x, const float *src, const int64_t *index, int64_t B, int64_t n,
+                   int64_t D, const int64_t *rows, uint64_t key, float sigma, float eps,
+                   int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t s = 0; s < B; s++) {
         float *xs = x + s * n;
+        const float *in = src + (index ? index[s] : s) * n;
         if (rows[s] >= 0) {
             float noise[4 * BLOCK];
             for (int64_t i = 0; i < n; i += 4 * BLOCK) {
                 philox_block((uint32_t)(i / 4), (uint64_t)rows[s], key, noise);
                 int64_t m = n - i < 4 * BLOCK ? n - i : 4 * BLOCK;
 #pragma omp simd
-                for (int64_t k = 0; k < m; k++) xs[i + k] += sigma * noise[k];
+                for (int64_t k = 0; k < m; k++) xs[i + k] = in[i + k] + sigma * noise[k];
             }
+        } else if (in != xs) {
+            memcpy(xs, in, sizeof(float) * (size_t)n);
         }
         if (eps < 0) continue;
         for (int64_t t = 0; t < n; t += D) {
