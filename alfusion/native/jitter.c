@@ -57,6 +57,40 @@ static void philox_block(uint32_t first, uint64_t row, uint64_t key, float *rest
     }
 }
 
+#ifdef __AVX512F__
+#define VL 16
+#else
+#define VL 8
+#endif
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+
+/* sum_k (v[k] - shift)^p for p = 1 or 2, k < D, in four vector accumulators: one would make
+ * each addition wait for the one before. */
+static float power_sum(const float *v, int64_t D, float shift, int p) {
+    vf acc[4] = {{0}}, c = shift - (vf){0};
+    int64_t k = 0;
+    for (; k + 4 * VL <= D; k += 4 * VL)
+        for (int i = 0; i < 4; i++) {
+            vf d = load(v + k + i * VL) - c;
+            acc[i] += p == 1 ? d : d * d;
+        }
+    vf all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float s = 0.0f;
+    for (int i = 0; i < VL; i++) s += all[i];
+    for (; k < D; k++) s += p == 1 ? v[k] - shift : (v[k] - shift) * (v[k] - shift);
+    return s;
+}
+
+/* v (D) <- (v - mean) / sqrt(var + eps), LayerNorm without affine. */
+static void normalise(float *v, int64_t D, float eps) {
+    float mean = power_sum(v, D, 0.0f, 1) / (float)D;
+    float rstd = 1.0f / sqrtf(power_sum(v, D, mean, 2) / (float)D + eps);
+#pragma omp simd
+    for (int64_t k = 0; k < D; k++) v[k] = (v[k] - mean) * rstd;
+}
+
 /* x: B samples of n floats (tokens of width D, n = T * D), written from src's samples:
  * x[s] = src[index[s]] (index NULL: src[s]; src may be x itself, in place), with the noise
  * where rows[s], the global row of sample s, is >= 0 (-1: none). eps < 0: no LayerNorm.
@@ -80,16 +114,6 @@ void jitter_tokens(float *x, const float *src, const int64_t *index, int64_t B, 
             memcpy(xs, in, sizeof(float) * (size_t)n);
         }
         if (eps < 0) continue;
-        for (int64_t t = 0; t < n; t += D) {
-            float *v = xs + t, mean = 0.0f, var = 0.0f;
-#pragma omp simd reduction(+ : mean)
-            for (int64_t k = 0; k < D; k++) mean += v[k];
-            mean /= (float)D;
-#pragma omp simd reduction(+ : var)
-            for (int64_t k = 0; k < D; k++) var += (v[k] - mean) * (v[k] - mean);
-            float rstd = 1.0f / sqrtf(var / (float)D + eps);
-#pragma omp simd
-            for (int64_t k = 0; k < D; k++) v[k] = (v[k] - mean) * rstd;
-        }
+        for (int64_t t = 0; t < n; t += D) normalise(xs + t, D, eps);
     }
 }
