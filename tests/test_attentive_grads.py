@@ -115,7 +115,7 @@ def test_cpu_probes_train_by_hand_and_alike_with_autograd():
 
 @pytest.mark.parametrize("shape", [(48, 4, 8, 20), (384, 24, 24, 64)], ids=["tiny", "vit_s"])
 def test_hand_gradients_do_not_depend_on_the_thread_count(shape):
-    """Bit for bit with 1 and 2 torch threads: DDP ranks on the CPU run a thread each, and a
+    """Bit for bit with 1, 2 and 3 torch threads: DDP ranks on the CPU run a thread each, and a
     grid split over them trains what one process with more threads does."""
     dim, heads, tokens, batch = shape
     bank = ProbeBank.from_probes([random_probe(dim, heads, None, classes=10, drop=0.0, seed=5)])
@@ -125,7 +125,7 @@ def test_hand_gradients_do_not_depend_on_the_thread_count(shape):
     before = torch.get_num_threads()
     grads = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             buffers = {k: v.clone() for k, v in bank.buffers.items()}
             grads.append(attentive_loss_and_grads(bank.spec, bank.params, buffers, x, y,

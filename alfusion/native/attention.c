@@ -162,10 +162,26 @@ static void dots_transposed(const float *X, int64_t T, const float *Yt, int64_t 
 /* H rounded up to whole vectors. */
 static int64_t padded(int64_t H) { return (H + VL - 1) / VL * VL; }
 
-/* Samples are taken in fixed blocks of CHUNK, a thread's each: the probe's value weights W
- * are read once per block (not once per sample), and which samples share a block does not
- * depend on the thread count. */
+/* Samples are taken in fixed blocks, a thread's each: the probe's value weights W are read
+ * once per block (not once per sample), and which samples share a block does not depend on
+ * the thread count. Blocks of CHUNK, the last CHUNK + B % CHUNK samples in blocks of half that:
+ * threads take blocks as they finish one, and the small ones at the end let them end
+ * together (25 blocks of 16 would keep one of two threads waiting for a sixteenth of B). */
 #define CHUNK 16
+
+static int64_t full_blocks(int64_t B) { return B / CHUNK > 0 ? B / CHUNK - 1 : 0; }
+
+static int64_t block_count(int64_t B) {
+    int64_t full = full_blocks(B);
+    return full + (B - full * CHUNK + CHUNK / 2 - 1) / (CHUNK / 2);
+}
+
+/* Block k: samples [*first, *last). */
+static void block(int64_t B, int64_t k, int64_t *first, int64_t *last) {
+    int64_t full = full_blocks(B);
+    *first = k < full ? k * CHUNK : full * CHUNK + (k - full) * (CHUNK / 2);
+    *last = k < full ? *first + CHUNK : *first + CHUNK / 2 < B ? *first + CHUNK / 2 : B;
+}
 
 /* dst[0 .. n) = src[0 .. n) with stores that bypass the caches where dst is aligned (z, 15 MB
  * a step, is next read in the backward, long after the cache has dropped it: a store through
@@ -189,7 +205,7 @@ static void copy_out(float *dst, const float *src, int64_t n) {
 void attend_forward(const float *x, const float *u, const float *Wt, const float *shift,
                     const float *drop, float *attn, float *z, float *mass, float *o, int64_t B,
                     int64_t T, int64_t D, int64_t H, int64_t E, int threads) {
-    int64_t chunks = (B + CHUNK - 1) / CHUNK, Hp = padded(H);
+    int64_t chunks = block_count(B), Hp = padded(H);
     float *ut = malloc(sizeof(float) * (size_t)(D * Hp));
     transpose(u, D, H, D, Hp, ut);
 #pragma omp parallel num_threads(threads)
@@ -197,9 +213,10 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
         float *w = malloc(sizeof(float) * (size_t)(T * H + H + T * Hp));
         float *top = w + T * H, *scratch = top + H;
         float *zk = aligned_alloc(64, sizeof(float) * (size_t)(CHUNK * H * D));  /* the block's z */
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (int64_t k = 0; k < chunks; k++) {
-            int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
+            int64_t first, last;
+            block(B, k, &first, &last);
             for (int64_t b = first; b < last; b++) {
                 const float *xb = x + b * T * D;
                 float *a = attn + b * T * H;
@@ -259,16 +276,17 @@ void attend_backward(const float *x, const float *z, const float *g_o, const flo
                      const float *shift, const float *mass, const float *attn,
                      const float *drop, float *g_u, float *g_shift, float *g_w, int64_t B,
                      int64_t T, int64_t D, int64_t H, int64_t E, int threads) {
-    int64_t chunks = (B + CHUNK - 1) / CHUNK, A = H * E;
+    int64_t chunks = block_count(B), A = H * E;
     float *partial = malloc(sizeof(float) * (size_t)(chunks * (H * D + A)));
     float *partial_shift = partial + chunks * H * D;
 #pragma omp parallel num_threads(threads)
     {
         float *g_z = malloc(sizeof(float) * (size_t)(CHUNK * H * D + T * H + 2 * H));
         float *g = g_z + CHUNK * H * D, *sum = g + T * H, *c = sum + H;  /* g: one sample's g_s */
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
         for (int64_t k = 0; k < chunks; k++) {
-            int64_t first = k * CHUNK, last = first + CHUNK < B ? first + CHUNK : B;
+            int64_t first, last;
+            block(B, k, &first, &last);
             float *ps = partial_shift + k * A;
             for (int64_t a = 0; a < A; a++) ps[a] = 0.0f;
             for (int64_t b = first; b < last; b++)
