@@ -68,24 +68,31 @@ class ProbeStream:
             coins = 1 if mode == "per_batch" else n
             chosen = torch.rand(coins, generator=self.generator, device=x.device) < p
             rows = (chosen.expand(n) if mode == "per_batch" else chosen).nonzero()[:, 0]
-        if (rows is not None or eps is not None) and native.jitter_ready(x) and (
-                out is None or native.jitter_ready(out)):
+        if rows is None and eps is None:  # nothing to add or normalise: the batch as it is
+            x = x if index is None else x.index_select(0, index)
+            if out is not None and out is not x:
+                out.copy_(x)
+            return x if out is None else out
+        reads_rows = index is not None and native.jitter_ready(x)  # the kernel gathers them
+        if index is not None and not reads_rows:
+            x, index = x.index_select(0, index), None
+            out = x if out is None else out  # a new tensor: the noise may go into it
+        if reads_rows:
             target = x.new_empty((batch, *x.shape[1:])) if out is None else out
+        else:
+            if out is not None and out is not x:
+                out.copy_(x)
+            target = x.clone() if out is None else out
+        if native.jitter_ready(target):
             local, key = torch.full((batch,), -1, dtype=torch.int64), 0  # -1: no noise
             if rows is not None:
                 mine = rows[rows % world == rank]
                 local[mine // world] = mine
                 key = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
             return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps,
-                                         source=x, index=index)
-        if index is not None:  # a new tensor: the noise may go into it
-            x = x.index_select(0, index)
-            out = x if out is None else out
-        if out is not None and out is not x:
-            out.copy_(x)
-        if rows is None and eps is None:
-            return x if out is None else out
-        target = x.clone() if out is None else out
+                                         source=x if reads_rows else None, index=index)
+        if reads_rows:  # an output the kernel does not take
+            target.copy_(x.index_select(0, index))
         if rows is not None:
             noise = torch.randn((rows.numel(), *x.shape[1:]), generator=self.generator,
                                 device=x.device, dtype=x.dtype)

@@ -132,6 +132,17 @@ def test_rows_read_from_the_source_equal_the_gathered_batch(eps):
     assert not torch.equal(by_torch, gathered)  # the two noises differ: both paths ran
 
 
+def test_a_strided_batch_gets_the_noise_of_its_contiguous_copy():
+    """A data-parallel rank's rows (x[rank::world], a strided view) are copied for the kernel:
+    the same draws as the process that holds them contiguously."""
+    x = torch.randn(24, 4, 32)
+    expected = ProbeStream(2).jitter(x[1::2].contiguous(), 0.5, 0.05, eps=1e-6)
+    assert torch.equal(ProbeStream(2).jitter(x[1::2], 0.5, 0.05, eps=1e-6), expected)
+    out = torch.empty(12, 4, 32)
+    ProbeStream(2).jitter(x[1::2], 0.5, 0.05, eps=1e-6, out=out)
+    assert torch.equal(out, expected)
+
+
 def test_tokens_that_need_a_gradient_are_jittered_and_normalised_by_torch():
     """A trainable backbone's tokens: the kernel would write out of autograd's sight."""
     x = torch.randn(8, 3, 16, requires_grad=True)
