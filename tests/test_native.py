@@ -5,6 +5,7 @@ compiler builds the kernel). The attention kernel: tests/test_attentive_grads.py
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import subprocess
@@ -187,6 +188,19 @@ def test_a_build_is_cached_and_reused_by_a_new_process(tmp_path):
         stats.append((built.name, built.stat().st_ino, built.stat().st_mtime_ns))
     assert stats[0] == stats[1] and stats[0][0] == "jitter.so"  # the second run built nothing
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_changed_header_is_a_new_build(tmp_path, monkeypatch):
+    """The kernels include common.h: a build is keyed by the headers beside its source too."""
+    monkeypatch.setenv("ALFUSION_CACHE", str(tmp_path / "cache"))
+    source, header = tmp_path / "k.c", tmp_path / "common.h"
+    source.write_text('#include "common.h"\nint value(void) { return VALUE; }\n')
+    built = []
+    for value in (1, 2):
+        header.write_text(f"#define VALUE {value}\n")
+        built.append(native.build._build(source, native.build._compiler()))
+        assert ctypes.CDLL(str(built[-1])).value() == value
+    assert built[0] != built[1]
 
 
 def test_loading_the_kernels_leaves_torchs_arithmetic_alone(tmp_path):

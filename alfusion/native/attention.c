@@ -15,20 +15,7 @@
 #include <immintrin.h>
 #endif
 
-#ifdef __AVX512F__
-#define VL 16
-#else
-#define VL 8
-#endif
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < VL; i++) s += v[i];
-    return s;
-}
+#include "common.h"
 
 static float dot(const float *x, const float *y, int64_t D) {
     vf acc = {0};

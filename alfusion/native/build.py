@@ -2,11 +2,12 @@
 the machine's C compiler and loaded with ctypes.
 
 A build is cached under ``$ALFUSION_CACHE/native`` (default ``~/.cache/alfusion/native``), in a
-folder named by a hash of the source, the compiler, its flags and the CPU (the code is built
-for this CPU: ``-march=native``), written under a temporary name and renamed when complete, so
-concurrent first runs never load a partial library. Where no compiler works, ``load`` returns
-None and callers keep their torch path (slower; native/__init__.py says what differs);
-``ALFUSION_NATIVE=0`` asks for the torch path everywhere.
+folder named by a hash of the source and the headers beside it, the compiler, its flags and
+the CPU (the code is built for this CPU: ``-march=native``), written under a temporary name
+and renamed when complete, so concurrent first runs never load a partial library. Where no
+compiler works, ``load`` returns None and callers keep their torch path (slower;
+native/__init__.py says what differs); ``ALFUSION_NATIVE=0`` asks for the torch path
+everywhere.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def _toolchain(compiler: str) -> str:
 
 def _build(source: Path, compiler: str) -> Path:
     """The cached shared library of ``source``, compiled when absent."""
-    key = source.read_text() + "\n" + _toolchain(compiler)
+    headers = sorted(source.parent.glob("*.h"))  # what the sources include
+    key = "\n".join([source.read_text(), *(h.read_text() for h in headers),
+                     _toolchain(compiler)])
     folder = user_cache_dir() / "native" / hashlib.sha256(key.encode()).hexdigest()[:16]
     target = folder / f"{source.stem}.so"
     if target.exists():

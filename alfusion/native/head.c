@@ -7,16 +7,9 @@
  * sums over features or classes per sample, the loss's sum over samples in order: the result
  * does not depend on the thread count. */
 #include <math.h>
-#include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-/* Features [*first, *last) of the calling thread's equal share of D. */
-static void share(int64_t D, int64_t *first, int64_t *last) {
-    int t = omp_get_thread_num(), threads = omp_get_num_threads();
-    *first = D * t / threads;
-    *last = D * (t + 1) / threads;
-}
+#include "common.h"
 
 /* pooled (B, D); gamma, beta (D) BatchNorm's affine; W (C, D), bias (C) the classifier;
  * y (B) labels; w_y (B) each sample's class weight; eps BatchNorm's. Out: mean, var (D) the

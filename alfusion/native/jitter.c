@@ -10,8 +10,8 @@
  *   u1 = ((w >> 8) + 1) / 2^24 in (0, 1], u2 = (w >> 8) / 2^24.
  * Rows are independent, so the result does not depend on the thread count. */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "common.h"
 
 #define BLOCK 64
 
@@ -57,15 +57,6 @@ static void philox_block(uint32_t first, uint64_t row, uint64_t key, float *rest
     }
 }
 
-#ifdef __AVX512F__
-#define VL 16
-#else
-#define VL 8
-#endif
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-
 /* sum_k (v[k] - shift)^p for p = 1 or 2, k < D, in four vector accumulators: one would make
  * each addition wait for the one before. */
 static float power_sum(const float *v, int64_t D, float shift, int p) {
@@ -76,9 +67,7 @@ static float power_sum(const float *v, int64_t D, float shift, int p) {
             vf d = load(v + k + i * VL) - c;
             acc[i] += p == 1 ? d : d * d;
         }
-    vf all = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    float s = 0.0f;
-    for (int i = 0; i < VL; i++) s += all[i];
+    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
     for (; k < D; k++) s += p == 1 ? v[k] - shift : (v[k] - shift) * (v[k] - shift);
     return s;
 }

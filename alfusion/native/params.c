@@ -6,16 +6,9 @@
  * Sums along a row are one thread's; sums over rows run per feature, rows in order, over a
  * thread's range of features: the result does not depend on the thread count. */
 #include <math.h>
-#include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-/* Features [*first, *last) of the calling thread's equal share of D. */
-static void share(int64_t D, int64_t *first, int64_t *last) {
-    int t = omp_get_thread_num(), threads = omp_get_num_threads();
-    *first = D * t / threads;
-    *last = D * (t + 1) / threads;
-}
+#include "common.h"
 
 /* Forward. query (D); nq_w, nq_b LN_q's affine; q_w, k_w, v_w the projections; nk_w LN_k's
  * gain; nv_w, nv_b LN_v's affine. Out: qhat (D) the normalised query and rstd_q (1) its
