@@ -68,16 +68,15 @@ class ProbeStream:
             coins = 1 if mode == "per_batch" else n
             chosen = torch.rand(coins, generator=self.generator, device=x.device) < p
             rows = (chosen.expand(n) if mode == "per_batch" else chosen).nonzero()[:, 0]
+        if index is not None and not native.jitter_ready(x):  # gathered here: a new tensor
+            x, index = x.index_select(0, index), None
+            out = x if out is None else out
         if rows is None and eps is None:  # nothing to add or normalise: the batch as it is
             x = x if index is None else x.index_select(0, index)
             if out is not None and out is not x:
                 out.copy_(x)
             return x if out is None else out
-        reads_rows = index is not None and native.jitter_ready(x)  # the kernel gathers them
-        if index is not None and not reads_rows:
-            x, index = x.index_select(0, index), None
-            out = x if out is None else out  # a new tensor: the noise may go into it
-        if reads_rows:
+        if index is not None:  # the kernel reads the rows from x
             target = x.new_empty((batch, *x.shape[1:])) if out is None else out
         else:
             if out is not None and out is not x:
@@ -90,8 +89,8 @@ class ProbeStream:
                 local[mine // world] = mine
                 key = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
             return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps,
-                                         source=x if reads_rows else None, index=index)
-        if reads_rows:  # an output the kernel does not take
+                                         source=None if index is None else x, index=index)
+        if index is not None:  # an output the kernel does not take
             target.copy_(x.index_select(0, index))
         if rows is not None:
             noise = torch.randn((rows.numel(), *x.shape[1:]), generator=self.generator,

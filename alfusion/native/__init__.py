@@ -83,7 +83,7 @@ def jitter_tokens_(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
     each token (last dimension) is normalised: (v - mean) / sqrt(var + eps). Returns x."""
     source = x if source is None else source
     rows = rows.contiguous()
-    index = None if index is None else index.contiguous()
+    index = None if index is None else index.to(torch.int64).contiguous()
     with record_function("alfusion::jitter_tokens"):
         library("jitter").jitter_tokens(
             x.data_ptr(), source.data_ptr(), _ptr(index), x.shape[0], x[0].numel(),
