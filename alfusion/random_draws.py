@@ -42,7 +42,8 @@ class ProbeStream:
 
     def jitter(self, x: torch.Tensor, p: float, sigma: float, mode: str = "per_sample",
                out: torch.Tensor | None = None, part: tuple[int, int] = (0, 1),
-               eps: float | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+               eps: float | None = None, index: torch.Tensor | None = None,
+               defer: bool = False) -> torch.Tensor | native.JitterPass:
         """x: (B, ..., D) -> x with N(0, sigma^2) noise on each whole sample with probability p
         (``per_batch``: on the whole batch with probability p; ``off``: none), written into
         ``out`` (B, ...) when given (``out`` may be x itself: the noise is added in place).
@@ -59,7 +60,10 @@ class ProbeStream:
         64-bit draw of this stream and the sample's global row, fused with the normalisation
         and the gather (a fifth of the time of torch's generator and LayerNorm); elsewhere
         (GPUs; no C compiler) torch's generator draws it for the chosen samples. Either way
-        half the random numbers at p = 0.5: noise only for the chosen samples."""
+        half the random numbers at p = 0.5: noise only for the chosen samples.
+
+        ``defer``: where the native kernel would run, it is returned as a native.JitterPass,
+        its random numbers drawn, for the attention forward to run as it reads the tokens."""
         batch = len(x) if index is None else len(index)
         rows = None
         if p > 0 and sigma > 0 and mode != "off":
@@ -88,8 +92,9 @@ class ProbeStream:
                 mine = rows[rows % world == rank]
                 local[mine // world] = mine
                 key = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
-            return native.jitter_tokens_(target, local, key & (2 ** 64 - 1), sigma, eps,
-                                         source=None if index is None else x, index=index)
+            job = native.jitter_pass(target, local, key & (2 ** 64 - 1), sigma, eps,
+                                     source=None if index is None else x, index=index)
+            return job if defer else job.run()
         if index is not None:  # an output the kernel does not take
             target.copy_(x.index_select(0, index))
         if rows is not None:

@@ -50,6 +50,38 @@ def test_kernel_blocks_and_their_remainders(drop):
     check_hand_gradients((124, 9, 6, 7), drop, "native", batch=37)
 
 
+@pytest.mark.parametrize("from_rows", [False, True], ids=["in_place", "from_rows"])
+def test_the_forward_runs_the_jitter_pass_bit_for_bit(from_rows):
+    """The shared jitter handed to the step undone (native.JitterPass) and run by the
+    attention forward as it reads each sample: the same tokens, loss and gradients as the
+    jitter pass run first, bit for bit; 37 samples (blocks and remainders), about half of
+    them jittered, read from rows of the features or jittered in place."""
+    bank = ProbeBank.from_probes([random_probe(124, 9, 6, classes=5, drop=0.0, seed=8)])
+    g = torch.Generator().manual_seed(8)
+    features = torch.randn(60, 7, 124, generator=g) * 2 + 0.3
+    index = torch.randperm(60, generator=g)[:37]
+    rows = torch.where(torch.rand(37, generator=g) < 0.5, torch.arange(37) + 100, -1)
+    y = torch.arange(37) % 5
+    assert native.attention_ready(features), "the attention kernel did not build"
+    results = []
+    for in_forward in (False, True):
+        if from_rows:
+            job = native.jitter_pass(torch.empty(37, 7, 124), rows, 2 ** 63 + 5, 0.05,
+                                     bank.spec.eps_kv, source=features, index=index)
+        else:
+            job = native.jitter_pass(features[index], rows, 2 ** 63 + 5, 0.05, bank.spec.eps_kv)
+        buffers = {k: v.clone() for k, v in bank.buffers.items()}
+        loss, grads = attentive_loss_and_grads(bank.spec, bank.params, buffers,
+                                               job if in_forward else job.run(), y,
+                                               torch.ones(5))
+        results.append((job.x, loss, grads, buffers))
+    (x, loss, grads, buffers), (x2, loss2, grads2, buffers2) = results
+    assert not torch.equal(x, features[index]) and torch.equal(x, x2)
+    assert torch.equal(loss, loss2)
+    for name, value in [*grads.items(), *buffers.items()]:
+        assert torch.equal(value, {**grads2, **buffers2}[name]), name
+
+
 def check_hand_gradients(shape, drop, kernels, batch):
     dim, heads, head_dim, tokens = shape
     seed = dim * 100 + heads

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from alfusion import native
 from alfusion.engine.data import Rows
 from alfusion.probes.attentive_grads import attentive_loss_and_grads
 from alfusion.probes.bank import ProbeBank
@@ -94,13 +95,14 @@ class BankStep:
     # -------------------------------------------------------------------------- inputs
 
     def _jittered(self, stream: ProbeStream, xb: torch.Tensor, out: torch.Tensor | None = None,
-                  index: torch.Tensor | None = None) -> torch.Tensor:
+                  index: torch.Tensor | None = None, defer: bool = False
+                  ) -> torch.Tensor | native.JitterPass:
         """xb (B, ...) (or its rows ``index``) jittered by ``stream``, attentive tokens
         normalised (in one native pass on the CPU, random_draws.py), into ``out`` when
-        given."""
+        given; ``defer``: that pass returned to be run by the attention forward."""
         eps = self.bank.spec.eps_kv if self.bank.kind == "attentive" else None
         return stream.jitter(xb, self.jitter_p, self.jitter_sigma, self.jitter, out=out,
-                             part=self.part, eps=eps, index=index)
+                             part=self.part, eps=eps, index=index, defer=defer)
 
     def _inputs(self, xb: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
         """What each probe of the pass sees, attentive tokens normalised: (B, ...) shared by
@@ -154,8 +156,13 @@ class BankStep:
             return torch.empty(0, device=bank.device)
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
+        job = None  # the shared jitter, when the one probe's attention forward runs it
         if isinstance(xb, Rows) and shared and xb.source.dtype == torch.float32:
-            xb = self._shared_x = self._jittered(self.shared_stream, xb.source, index=xb.index)
+            defer = G == 1 and bank.positions is None and self._by_hand(xb.source, 1)
+            xb = self._jittered(self.shared_stream, xb.source, index=xb.index, defer=defer)
+            if isinstance(xb, native.JitterPass):
+                job, xb = xb, xb.x
+            self._shared_x = xb
         else:
             if isinstance(xb, Rows):
                 xb, owned = xb.gather(), True
@@ -179,10 +186,12 @@ class BankStep:
             buffers = {n: b[g0:g1] for n, b in bank.buffers.items()}
             if self._by_hand(x, g1 - g0):
                 loss, named = attentive_loss_and_grads(
-                    bank.spec, {n: bank.params[n][g0:g1] for n in self.names}, buffers, x,
-                    yb, self.weights, None if drop is None else drop[0])
+                    bank.spec, {n: bank.params[n][g0:g1] for n in self.names}, buffers,
+                    job or x, yb, self.weights, None if drop is None else drop[0])
                 grads = [named.get(n) for n in self.names]
             else:
+                if job:
+                    job.run()
                 leaves = {n: bank.params[n][g0:g1].detach().requires_grad_()
                           for n in self.names}
                 logits = probe_logits(bank.kind, bank.spec, leaves, buffers, x, True, drop,

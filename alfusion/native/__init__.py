@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+from typing import NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -27,7 +28,8 @@ _P, _N, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "jitter": {"jitter_tokens": [_P] * 3 + [_N, _N, _N, _P, ctypes.c_uint64, _F, _F,
                                                 ctypes.c_int]},
-    "attention": {"attend_forward": [_P] * 9 + [_N] * 5 + [ctypes.c_int],
+    "attention": {"attend_forward": [_P] * 4 + [ctypes.c_uint64, _F, _F] + [_P] * 8
+                                    + [_N] * 5 + [ctypes.c_int],
                   "attend_backward": [_P] * 11 + [_N] * 5 + [ctypes.c_int]},
     "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
     "params": {"params_forward": [_P] * 9 + [_F, _F] + [_P] * 9 + [_N] * 3 + [ctypes.c_int],
@@ -74,44 +76,71 @@ def jitter_ready(x: torch.Tensor) -> bool:
     return _ready("jitter", x)
 
 
+class JitterPass(NamedTuple):
+    """A batch's jitter (``jitter_tokens_``'s arguments, checked), not yet run: ``run()`` runs
+    it; the attention forward takes it instead of its tokens and jitters each sample as it
+    reads it (``attend_forward``), with the same result."""
+    x: torch.Tensor
+    rows: torch.Tensor
+    key: int
+    sigma: float
+    eps: float
+    source: torch.Tensor
+    index: torch.Tensor | None
+
+    def run(self) -> torch.Tensor:
+        with record_function("alfusion::jitter_tokens"):
+            library("jitter").jitter_tokens(
+                self.x.data_ptr(), self.source.data_ptr(), _ptr(self.index), self.x.shape[0],
+                self.x[0].numel(), self.x.shape[-1], self.rows.data_ptr(), self.key,
+                self.sigma, self.eps, torch.get_num_threads())
+        return self.x
+
+
+def jitter_pass(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
+                eps: float | None, source: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> JitterPass:
+    """x (B, ..., D) to be written from ``source``'s samples (default: x itself, in place),
+    sample s from ``source[index[s]]`` ((B,) int64; default s): sample s gets sigma x the
+    Philox noise of global row rows[s] ((B,) int64; -1: none) under the 64-bit ``key``; then,
+    with ``eps``, each token (last dimension) is normalised: (v - mean) / sqrt(var + eps)."""
+    return JitterPass(x, rows.contiguous(), key, sigma, -1.0 if eps is None else eps,
+                      x if source is None else source,
+                      None if index is None else index.to(torch.int64).contiguous())
+
+
 def jitter_tokens_(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
                    eps: float | None, source: torch.Tensor | None = None,
                    index: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, ..., D) written from ``source``'s samples (default: x itself, in place), sample s
-    from ``source[index[s]]`` ((B,) int64; default s): sample s gets sigma x the Philox noise
-    of global row rows[s] ((B,) int64; -1: none) under the 64-bit ``key``; then, with ``eps``,
-    each token (last dimension) is normalised: (v - mean) / sqrt(var + eps). Returns x."""
-    source = x if source is None else source
-    rows = rows.contiguous()
-    index = None if index is None else index.to(torch.int64).contiguous()
-    with record_function("alfusion::jitter_tokens"):
-        library("jitter").jitter_tokens(
-            x.data_ptr(), source.data_ptr(), _ptr(index), x.shape[0], x[0].numel(),
-            x.shape[-1], rows.data_ptr(), key, sigma, -1.0 if eps is None else eps,
-            torch.get_num_threads())
-    return x
+    """``jitter_pass``, run: returns x."""
+    return jitter_pass(x, rows, key, sigma, eps, source, index).run()
 
 
 def attention_ready(*tensors: torch.Tensor | None) -> bool:
     return _ready("attention", *tensors)
 
 
-def attend_forward(x: torch.Tensor, u: torch.Tensor, w_t: torch.Tensor, shift: torch.Tensor,
-                   drop: torch.Tensor | None
+def attend_forward(x: torch.Tensor | JitterPass, u: torch.Tensor, w_t: torch.Tensor,
+                   shift: torch.Tensor, drop: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, T, D) tokens, u (H, D) queries in token space, w_t (H, D, E) value weights
     transposed, shift (H, E) their shift, drop (B, H, T) or None -> attn (B, T, H) softmax
     over T of x . u, z (B, H, D) = sum_t attn drop x, mass (B, H) = sum_t attn drop,
-    o (B, H, E) = w_h z[:, h] + mass[:, h] shift[h]."""
+    o (B, H, E) = w_h z[:, h] + mass[:, h] shift[h]. x a JitterPass: its tokens, jittered
+    here as they are read (into its x, as ``run()`` would)."""
+    job = x if isinstance(x, JitterPass) else None
+    x = x.x if job else x
     B, T, D = x.shape
     H, _, E = w_t.shape
     attn, z, mass, o = (x.new_empty(B, T, H), x.new_empty(B, H, D), x.new_empty(B, H),
                         x.new_empty(B, H, E))
+    jitter = (job.source.data_ptr(), _ptr(job.index), job.rows.data_ptr(), job.key,
+              job.sigma, job.eps) if job else (None, None, None, 0, 0.0, -1.0)
     with record_function("alfusion::attend_forward"):
         library("attention").attend_forward(
-            x.data_ptr(), u.data_ptr(), w_t.data_ptr(), shift.data_ptr(), _ptr(drop),
-            attn.data_ptr(), z.data_ptr(), mass.data_ptr(), o.data_ptr(), B, T, D, H, E,
-            torch.get_num_threads())
+            x.data_ptr(), *jitter, u.data_ptr(), w_t.data_ptr(), shift.data_ptr(),
+            _ptr(drop), attn.data_ptr(), z.data_ptr(), mass.data_ptr(), o.data_ptr(),
+            B, T, D, H, E, torch.get_num_threads())
     return attn, z, mass, o
 
 

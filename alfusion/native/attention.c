@@ -16,6 +16,7 @@
 #endif
 
 #include "common.h"
+#include "jitter.h"
 
 static float dot(const float *x, const float *y, int64_t D) {
     vf acc = {0};
@@ -188,10 +189,16 @@ static void copy_out(float *dst, const float *src, int64_t n) {
  * the heads' value weights, transposed; shift (H, E) their shift; drop (B, H, T) dropout
  * multipliers or NULL. Out: attn (B, T, H) softmax over t, z (B, H, D) the sums of the tokens
  * weighted by attn x drop, mass (B, H) the sums of those weights (1 without dropout),
- * o (B, H, E) = W_h z[b, h] + mass[b, h] shift[h]. */
-void attend_forward(const float *x, const float *u, const float *Wt, const float *shift,
-                    const float *drop, float *attn, float *z, float *mass, float *o, int64_t B,
-                    int64_t T, int64_t D, int64_t H, int64_t E, int threads) {
+ * o (B, H, E) = W_h z[b, h] + mass[b, h] shift[h].
+ * With src: x is an output too, sample b jittered here from src[index[b]] (index NULL:
+ * src[b]) as jitter_tokens does (rows, key, sigma, eps: its arguments), in a thread's buffer
+ * from which the products read it, then written to x past the caches: the batch's tokens
+ * are read from memory once, not written by one pass and read again by the next. */
+void attend_forward(float *x, const float *src, const int64_t *index, const int64_t *rows,
+                    uint64_t key, float sigma, float eps, const float *u, const float *Wt,
+                    const float *shift, const float *drop, float *attn, float *z, float *mass,
+                    float *o, int64_t B, int64_t T, int64_t D, int64_t H, int64_t E,
+                    int threads) {
     int64_t chunks = block_count(B), Hp = padded(H);
     float *ut = malloc(sizeof(float) * (size_t)(D * Hp));
     transpose(u, D, H, D, Hp, ut);
@@ -200,12 +207,18 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
         float *w = malloc(sizeof(float) * (size_t)(T * H + H + T * Hp));
         float *top = w + T * H, *scratch = top + H;
         float *zk = aligned_alloc(64, sizeof(float) * (size_t)(CHUNK * H * D));  /* the block's z */
+        float *xs = src ? aligned_alloc(64, sizeof(float) * (size_t)(T * D)) : NULL;
 #pragma omp for schedule(dynamic)
         for (int64_t k = 0; k < chunks; k++) {
             int64_t first, last;
             block(B, k, &first, &last);
             for (int64_t b = first; b < last; b++) {
                 const float *xb = x + b * T * D;
+                if (src) {
+                    jitter_sample(xs, src + (index ? index[b] : b) * T * D, rows[b], key, sigma,
+                                  eps, T * D, D);
+                    xb = xs;
+                }
                 float *a = attn + b * T * H;
                 dots_transposed(xb, T, ut, Hp, D, H, scratch, a);
                 for (int64_t h = 0; h < H; h++) top[h] = a[h];
@@ -236,6 +249,7 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
                 }
                 /* z[b, h] = sum_t weights[t, h] x[b, t] */
                 sums(weights, 1, H, T, xb, D, D, H, zk + (b - first) * H * D, D);
+                if (src) copy_out(x + b * T * D, xs, T * D);
             }
             for (int64_t h = 0; h < H; h++)  /* o[b, h] = sum_d z[b, h, d] Wt[h, d] */
                 sums(zk + h * D, H * D, 1, D, Wt + h * D * E, E, E, last - first,
@@ -248,6 +262,7 @@ void attend_forward(const float *x, const float *u, const float *Wt, const float
         }
         free(w);
         free(zk);
+        free(xs);
     }
     free(ut);
 }

@@ -144,19 +144,22 @@ def _params_backward_native(spec: AttentiveSpec, p: dict, saved: dict, g_u: torc
     return grads
 
 
-def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: torch.Tensor,
-                             y: torch.Tensor, weights: torch.Tensor,
-                             drop: torch.Tensor | None = None
+def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict,
+                             xhat: torch.Tensor | native.JitterPass, y: torch.Tensor,
+                             weights: torch.Tensor, drop: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training step of one probe: p, buffers hold (1, *shape) tensors (a pass of one probe
-    of a ProbeBank); xhat (B, T, D) normalised tokens (``normalise_tokens``); y (B,) labels;
-    weights (C,) class weights; drop (B, H, T) dropout multipliers or None.
+    of a ProbeBank); xhat (B, T, D) normalised tokens (``normalise_tokens``), or the jitter
+    pass that makes them (run by the attention forward as it reads them, or first); y (B,)
+    labels; weights (C,) class weights; drop (B, H, T) dropout multipliers or None.
 
     Returns (loss (1,), gradients: name -> (1, *shape)), the class-weighted cross-entropy and
     its gradient for every parameter that has one (``norm_k.bias`` cancels in the softmax).
     BatchNorm's running statistics in ``buffers`` are updated as in training mode."""
     H, E, D = spec.heads, spec.head_dim, spec.dim
     A = H * E
+    job = xhat if isinstance(xhat, native.JitterPass) else None
+    xhat = job.x if job else xhat
     B, T, _ = xhat.shape
     p = {k: v[0] for k, v in p.items()}
     tokens = xhat.reshape(B * T, D)
@@ -166,11 +169,13 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict, xhat: 
     saved = (_params_forward_native if use_native else _params_forward)(spec, p)
     u, w_v_g, shift = saved["u"], saved["w"], saved["shift"]
     fused = native.attention_ready(xhat, u, w_v_g, shift, drop)  # token products in C
+    if job and not fused:
+        job.run()
     drop_t = None if drop is None else drop.transpose(1, 2)  # (B, T, H) view
     if fused:
         w_t = saved.get("w_t")
         w_t = w_v_g.transpose(1, 2).contiguous() if w_t is None else w_t
-        attn, z, mass, o = native.attend_forward(xhat, u, w_t, shift, drop)
+        attn, z, mass, o = native.attend_forward(job or xhat, u, w_t, shift, drop)
     else:
         attn = (tokens @ u.t()).view(B, T, H).softmax(dim=1)  # (B, T, H)
         attn_d = attn if drop is None else attn * drop_t

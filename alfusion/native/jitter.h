@@ -1,0 +1,104 @@
+/* One sample's feature jitter: Gaussian noise from Philox4x32-10 added to it, then
+ * (optionally) its tokens' LayerNorm without affine. Shared by the jitter pass (jitter.c) and
+ * the attention forward, which jitters each sample as it reads it (attention.c): both give
+ * the same numbers, bit for bit.
+ *
+ * The noise is a function of (key, row, i) only: normal i of global batch row `row` under a
+ * step's 64-bit key. tests/test_native.py holds the same generator in plain Python (its
+ * oracle), whose layout this file must keep:
+ *   block c of PHILOX_BLOCK (64) counters (i, row_lo, row_hi, 0), i = c * 64 + j, j < 64,
+ *   gives 256 normals: [cos(a, b) for j] [sin(a, b) for j] [cos(c, d) for j] [sin(c, d) for j]
+ *   with the Box-Muller pair r = sqrt(-2 log u1), theta = 2 pi u2 of 24-bit uniforms
+ *   u1 = ((w >> 8) + 1) / 2^24 in (0, 1], u2 = (w >> 8) / 2^24. */
+#ifndef ALFUSION_JITTER_H
+#define ALFUSION_JITTER_H
+#include <math.h>
+
+#include "common.h"
+
+#define PHILOX_BLOCK 64
+
+static void philox_block(uint32_t first, uint64_t row, uint64_t key, float *restrict out) {
+    uint32_t a[PHILOX_BLOCK], b[PHILOX_BLOCK], c[PHILOX_BLOCK], d[PHILOX_BLOCK];
+    for (int j = 0; j < PHILOX_BLOCK; j++) {
+        a[j] = first + (uint32_t)j;
+        b[j] = (uint32_t)row;
+        c[j] = (uint32_t)(row >> 32);
+        d[j] = 0;
+    }
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    for (int r = 0; r < 10; r++) {
+        for (int j = 0; j < PHILOX_BLOCK; j++) {
+            uint64_t p0 = (uint64_t)0xD2511F53u * a[j];
+            uint64_t p1 = (uint64_t)0xCD9E8D57u * c[j];
+            uint32_t n0 = (uint32_t)(p1 >> 32) ^ b[j] ^ k0;
+            uint32_t n2 = (uint32_t)(p0 >> 32) ^ d[j] ^ k1;
+            b[j] = (uint32_t)p1;
+            d[j] = (uint32_t)p0;
+            a[j] = n0;
+            c[j] = n2;
+        }
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    const float unit = 1.0f / 16777216.0f, turn = 6.28318530718f / 16777216.0f;
+    /* sin as cos(theta - pi/2): a sin and a cos of one angle become one sincos call, which
+     * the compiler does not vectorise */
+#pragma omp simd
+    for (int j = 0; j < PHILOX_BLOCK; j++) {
+        float r = sqrtf(-2.0f * logf((float)((a[j] >> 8) + 1) * unit));
+        float theta = (float)(b[j] >> 8) * turn;
+        out[j] = r * cosf(theta);
+        out[PHILOX_BLOCK + j] = r * cosf(theta - 1.57079632679f);
+    }
+#pragma omp simd
+    for (int j = 0; j < PHILOX_BLOCK; j++) {
+        float r = sqrtf(-2.0f * logf((float)((c[j] >> 8) + 1) * unit));
+        float theta = (float)(d[j] >> 8) * turn;
+        out[2 * PHILOX_BLOCK + j] = r * cosf(theta);
+        out[3 * PHILOX_BLOCK + j] = r * cosf(theta - 1.57079632679f);
+    }
+}
+
+/* sum_k (v[k] - shift)^p for p = 1 or 2, k < D, in four vector accumulators: one would make
+ * each addition wait for the one before. */
+static float power_sum(const float *v, int64_t D, float shift, int p) {
+    vf acc[4] = {{0}}, c = shift - (vf){0};
+    int64_t k = 0;
+    for (; k + 4 * VL <= D; k += 4 * VL)
+        for (int i = 0; i < 4; i++) {
+            vf d = load(v + k + i * VL) - c;
+            acc[i] += p == 1 ? d : d * d;
+        }
+    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; k < D; k++) s += p == 1 ? v[k] - shift : (v[k] - shift) * (v[k] - shift);
+    return s;
+}
+
+/* v (D) <- (v - mean) / sqrt(var + eps), LayerNorm without affine. */
+static void normalise(float *v, int64_t D, float eps) {
+    float mean = power_sum(v, D, 0.0f, 1) / (float)D;
+    float rstd = 1.0f / sqrtf(power_sum(v, D, mean, 2) / (float)D + eps);
+#pragma omp simd
+    for (int64_t k = 0; k < D; k++) v[k] = (v[k] - mean) * rstd;
+}
+
+/* xs (n floats: tokens of width D) = in (may be xs itself) + sigma x the noise of global row
+ * `row` under `key` (row < 0: none), then each token normalised (eps < 0: not). */
+static void jitter_sample(float *xs, const float *in, int64_t row, uint64_t key, float sigma,
+                          float eps, int64_t n, int64_t D) {
+    if (row >= 0) {
+        float noise[4 * PHILOX_BLOCK];
+        for (int64_t i = 0; i < n; i += 4 * PHILOX_BLOCK) {
+            philox_block((uint32_t)(i / 4), (uint64_t)row, key, noise);
+            int64_t m = n - i < 4 * PHILOX_BLOCK ? n - i : 4 * PHILOX_BLOCK;
+#pragma omp simd
+            for (int64_t k = 0; k < m; k++) xs[i + k] = in[i + k] + sigma * noise[k];
+        }
+    } else if (in != xs) {
+        memcpy(xs, in, sizeof(float) * (size_t)n);
+    }
+    if (eps < 0) return;
+    for (int64_t t = 0; t < n; t += D) normalise(xs + t, D, eps);
+}
+#endif
