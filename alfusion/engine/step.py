@@ -156,9 +156,10 @@ class BankStep:
             return torch.empty(0, device=bank.device)
         shared = self.jitter_draws == "shared" or self.jitter == "off" \
             or self.jitter_p <= 0 or self.jitter_sigma <= 0
-        job = None  # the shared jitter, when the one probe's attention forward runs it
+        job = None  # the shared jitter, when the first pass's attention forward runs it
         if isinstance(xb, Rows) and shared and xb.source.dtype == torch.float32:
-            defer = G == 1 and bank.positions is None and self._by_hand(xb.source, 1)
+            # passes of one probe, each by hand: the first one's forward runs the jitter
+            defer = self.chunk == 1 and bank.positions is None and self._by_hand(xb.source, 1)
             xb = self._jittered(self.shared_stream, xb.source, index=xb.index, defer=defer)
             if isinstance(xb, native.JitterPass):
                 job, xb = xb, xb.x
@@ -188,10 +189,8 @@ class BankStep:
                 loss, named = attentive_loss_and_grads(
                     bank.spec, {n: bank.params[n][g0:g1] for n in self.names}, buffers,
                     job or x, yb, self.weights, None if drop is None else drop[0])
-                grads = [named.get(n) for n in self.names]
+                grads, job = [named.get(n) for n in self.names], None  # x is jittered now
             else:
-                if job:
-                    job.run()
                 leaves = {n: bank.params[n][g0:g1].detach().requires_grad_()
                           for n in self.names}
                 logits = probe_logits(bank.kind, bank.spec, leaves, buffers, x, True, drop,
