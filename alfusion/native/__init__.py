@@ -77,9 +77,10 @@ def jitter_ready(x: torch.Tensor) -> bool:
 
 
 class JitterPass(NamedTuple):
-    """A batch's jitter (``jitter_tokens_``'s arguments, checked), not yet run: ``run()`` runs
-    it; the attention forward takes it instead of its tokens and jitters each sample as it
-    reads it (``attend_forward``), with the same result."""
+    """A batch's jitter, not yet run (``jitter_pass`` makes it: rows and index contiguous
+    int64, eps -1 for none): ``run()`` runs it; the attention forward takes it instead of its
+    tokens and jitters each sample as it reads it (``attend_forward``), with the same
+    result."""
     x: torch.Tensor
     rows: torch.Tensor
     key: int
