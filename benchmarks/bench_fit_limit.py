@@ -84,8 +84,8 @@ PARTS = {
                                                "aten::random_"),
     "jitter and LayerNorm (native, fused)": ("alfusion::jitter_tokens",),
     "token normalisation (LayerNorm)": ("aten::native_layer_norm",),
-    "AdamW and clipping": ("aten::_fused_adamw_", "aten::linalg_vector_norm", "aten::clamp",
-                           "aten::_foreach_norm"),
+    "AdamW and clipping": ("alfusion::adamw_step", "aten::_fused_adamw_",
+                           "aten::linalg_vector_norm", "aten::clamp", "aten::_foreach_norm"),
     "batch gather": ("aten::index_select", "aten::index", "aten::randperm"),
 }
 

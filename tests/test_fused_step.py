@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alfusion import native
 from alfusion.engine import BankStep, TensorSteps
 from alfusion.probes import AttentiveProbe
 from alfusion.probes.bank import ProbeBank, fresh_probe
 from alfusion.protocol import (
+    ADAM_EPS,
+    BETAS,
+    CLIP_NORM,
     MIN_LR,
     BatchPlan,
     HParams,
@@ -20,9 +25,11 @@ from alfusion.protocol import (
 )
 
 
-def test_fused_adamw_with_clipping_matches_torch_optim_and_clip_grad_norm():
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_fused_adamw_with_clipping_matches_torch_optim_and_clip_grad_norm(kernel):
     """Per probe: gradients above and below the clipping norm, decay, cosine lr over 8 steps,
-    against torch.optim.AdamW (the default, unfused path) + clip_grad_norm_."""
+    against torch.optim.AdamW (the default, unfused path) + clip_grad_norm_; torch's fused
+    kernel with ``clip_divisors``, and the native one (native/adamw.c: the norm too)."""
     g = torch.Generator().manual_seed(1)
     shapes = [(4, 6), (6,), (2, 3, 5)]
     for lr, wd, scale in [(0.1, 1e-2, 10.0), (0.003, 0.5, 0.01)]:
@@ -43,6 +50,14 @@ def test_fused_adamw_with_clipping_matches_torch_optim_and_clip_grad_norm():
             assert (norm > 5) == (scale > 1)
             opt.step()
             sched.step()
+            if kernel == "native":
+                assert native.adamw_ready(*params, *grads, *m, *v), "adamw.c did not build"
+                kept = [grad.clone() for grad in grads]
+                divisor = native.adamw_step(params, grads, m, v, s + 1, float(table[s, 0]), wd,
+                                            BETAS, ADAM_EPS, CLIP_NORM)
+                assert (divisor > 1) == (scale > 1)
+                assert all(torch.equal(a, b) for a, b in zip(grads, kept, strict=True))
+                continue
             divisor = clip_divisors([grad.unsqueeze(0) for grad in grads])
             assert divisor.shape == (1,) and (divisor[0] > 1) == (scale > 1)
             step.fill_(s + 1)
@@ -50,6 +65,30 @@ def test_fused_adamw_with_clipping_matches_torch_optim_and_clip_grad_norm():
         for p, r, p0 in zip(params, ref, start, strict=True):
             torch.testing.assert_close(p, r.detach(), atol=1e-6, rtol=1e-6)
             assert not torch.allclose(p, p0)  # and they moved
+
+
+def test_native_adamw_does_not_depend_on_the_thread_count():
+    """Bit for bit with 1, 2 and 3 threads (a grid split over DDP ranks runs a thread each):
+    the clipping norm is summed in fixed blocks, tensors of several blocks and of none full."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(300, 50), (7,), (4100,)]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            params, m = [t.clone() for t in start], [t.clone() for t in start]
+            v = [t * t for t in start]  # second moments are not negative
+            for s in range(3):
+                native.adamw_step(params, grads, m, v, s + 1, 0.1, 1e-2, BETAS, ADAM_EPS,
+                                  CLIP_NORM)
+            results.append(params + m + v)
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
 def test_jitter_added_in_place_to_an_owned_batch_trains_the_same_bits():

@@ -33,6 +33,9 @@ from alfusion.probes.attentive_grads import attentive_loss_and_grads
 from alfusion.probes.bank import ProbeBank
 from alfusion.probes.functional import probe_logits, weighted_loss
 from alfusion.protocol import (
+    ADAM_EPS,
+    BETAS,
+    CLIP_NORM,
     MIN_LR,
     HParams,
     NonFiniteLoss,
@@ -214,7 +217,8 @@ class BankStep:
 
     def _update(self, grads, g0: int, g1: int, s: int) -> None:
         """Clip and AdamW-update probes g0 .. g1 - 1 (and the trainable backbone): per probe
-        one fused AdamW pass over its tensors, its clipping folded in."""
+        one fused AdamW pass over its tensors, its clipping folded in; on the CPU one native
+        call per probe, its clipping norm included (native/adamw.c)."""
         n = len(self.names)
         probe_grads, extra_grads = grads[:n], grads[n:]
         # norm_k.bias cancels in the softmax: no gradient, so, as torch.optim does for a
@@ -223,8 +227,6 @@ class BankStep:
         extra = [(p, g.unsqueeze(0), m, v) for p, g, m, v in
                  zip(self.extra, extra_grads, self.extra_avgs, self.extra_avg_sqs, strict=True)
                  if g is not None]
-        divisors = clip_divisors([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
-        self._step_t.fill_(self.step_count)
         # (g1 - g0) views of each tensor, one per probe; probe g's lists are then zipped.
         rows = [[t.contiguous().unbind(0) for t in ts] for ts in (
             [self.bank.params[self.names[i]][g0:g1] for i in used],
@@ -232,6 +234,14 @@ class BankStep:
             [self.exp_avgs[i][g0:g1] for i in used],
             [self.exp_avg_sqs[i][g0:g1] for i in used])]
         lrs = self.lrs[s, g0:g1].tolist()
+        if not extra and native.adamw_ready(*(t for ts in rows for views in ts for t in views)):
+            for k in range(g1 - g0):
+                p, grad, m, v = ([t[k] for t in ts] for ts in rows)
+                native.adamw_step(p, grad, m, v, self.step_count, lrs[k],
+                                  self.configs[g0 + k].wd, BETAS, ADAM_EPS, CLIP_NORM)
+            return
+        divisors = clip_divisors([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
+        self._step_t.fill_(self.step_count)
         for k in range(g1 - g0):
             p, grad, m, v = ([t[k] for t in ts] for ts in rows)
             fused_adamw(p, grad, m, v, self._step_t, lrs[k], self.configs[g0 + k].wd,

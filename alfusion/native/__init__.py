@@ -5,10 +5,12 @@ Philox, where the torch path in random_draws.py draws from torch's generator: th
 distribution, other numbers). For the hand-derived step of an attentive probe
 (probes/attentive_grads.py), what its torch code computes, to float rounding: attention.c,
 the token-side products (scores, softmax, weighted sums, the value products and their
-gradients); params.c, the query and value side's parameters; head.c, BatchNorm, classifier
-and loss. ``*_ready`` says whether the kernel is built (build.py: compiled on first use,
-cached; no compiler or ``ALFUSION_NATIVE=0``: not ready) and takes the given tensors
-(contiguous fp32 on the CPU, outside autograd). Kernels use torch's thread count and give the
+gradients, and the jitter as it reads the tokens); params.c, the query and value side's
+parameters; head.c, BatchNorm, classifier and loss. adamw.c: a CPU probe's clipping and
+AdamW update in one call (every CPU fit's, the hand-derived or not). ``*_ready`` says
+whether the kernel is built (build.py: compiled on first use, cached; no compiler or
+``ALFUSION_NATIVE=0``: not ready) and takes the given tensors (contiguous fp32 on the CPU,
+outside autograd). Kernels use torch's thread count and give the
 same result for any thread count; torch.profiler sees each call as ``alfusion::<kernel>``.
 """
 
@@ -31,6 +33,7 @@ _SIGNATURES = {
     "attention": {"attend_forward": [_P] * 4 + [ctypes.c_uint64, _F, _F] + [_P] * 8
                                     + [_N] * 5 + [ctypes.c_int],
                   "attend_backward": [_P] * 11 + [_N] * 5 + [ctypes.c_int]},
+    "adamw": {"adamw_step": [_P] * 5 + [_N] + [ctypes.c_double] * 7 + [_P, ctypes.c_int]},
     "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
     "params": {"params_forward": [_P] * 9 + [_F, _F] + [_P] * 9 + [_N] * 3 + [ctypes.c_int],
                "params_backward": [_P] * 10 + [_F] + [_P] * 14 + [_N] * 3 + [ctypes.c_int]},
@@ -160,6 +163,30 @@ def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torc
             mass.data_ptr(), attn.data_ptr(), _ptr(drop), g_u.data_ptr(), g_shift.data_ptr(),
             g_w.data_ptr(), B, T, D, H, E, torch.get_num_threads())
     return g_u, g_shift, g_w
+
+
+def adamw_ready(*tensors: torch.Tensor) -> bool:
+    return _ready("adamw", *tensors)
+
+
+def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
+               lr: float, wd: float, betas: tuple[float, float], eps: float,
+               max_norm: float) -> float:
+    """One probe's clipping and AdamW step over its tensors (any shapes, matched by position),
+    in one call: the gradients divided by max(1, (their total norm + 1e-6) / max_norm), then
+    torch.optim.AdamW's update at the step number ``step`` (1, 2, ...). Gradients are only
+    read. Returns the divisor."""
+    def pointers(ts: list[torch.Tensor]):
+        return (_P * len(ts))(*(t.data_ptr() for t in ts))
+    sizes = (_N * len(params))(*(t.numel() for t in params))
+    divisor = ctypes.c_float()
+    with record_function("alfusion::adamw_step"):
+        library("adamw").adamw_step(
+            pointers(params), pointers(grads), pointers(exp_avgs), pointers(exp_avg_sqs),
+            sizes, len(params), step, lr, wd, betas[0], betas[1], eps, max_norm,
+            ctypes.byref(divisor), torch.get_num_threads())
+    return divisor.value
 
 
 def head_ready(*tensors: torch.Tensor | None) -> bool:
