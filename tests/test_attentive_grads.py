@@ -82,6 +82,38 @@ def test_the_forward_runs_the_jitter_pass_bit_for_bit(from_rows):
         assert torch.equal(value, {**grads2, **buffers2}[name]), name
 
 
+def test_gradients_in_parts_compose_to_the_written_ones():
+    """The q, k and v weights' gradients handed to AdamW in parts (native.GradParts, never
+    written whole) are those params.c writes: composed by torch, and through one native
+    AdamW step (adamw.c composes them block by block as it reads them)."""
+    bank = ProbeBank.from_probes([random_probe(124, 9, 6, classes=5, drop=0.0, seed=9)])
+    g = torch.Generator().manual_seed(9)
+    xhat = normalise_tokens(bank.spec, torch.randn(37, 7, 124, generator=g))
+    y = torch.arange(37) % 5
+    grads = {}
+    for parts in (False, True):
+        buffers = {k: v.clone() for k, v in bank.buffers.items()}
+        grads[parts] = attentive_loss_and_grads(bank.spec, bank.params, buffers, xhat, y,
+                                                torch.ones(5), parts=parts)[1]
+    names = [n for n in grads[False] if isinstance(grads[True][n], native.GradParts)]
+    assert sorted(names) == ["k.weight", "q.weight", "v.weight"]
+    for name in names:
+        torch.testing.assert_close(grads[True][name].tensor(), grads[False][name][0],
+                                   atol=1e-7, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    stepped = []
+    for parts in (False, True):
+        p = {n: bank.params[n][0].clone() for n in grads[parts]}
+        state = [{n: torch.zeros_like(t) for n, t in p.items()} for _ in range(2)]
+        native.adamw_step(list(p.values()),
+                          [v if isinstance(v, native.GradParts) else v[0]
+                           for v in grads[parts].values()],
+                          list(state[0].values()), list(state[1].values()), 1, 1e-3, 1e-4,
+                          (0.9, 0.999), 1e-8, 5.0)
+        stepped.append(p)
+    for name in names:
+        torch.testing.assert_close(stepped[1][name], stepped[0][name], atol=1e-6, rtol=1e-5)
+
+
 def check_hand_gradients(shape, drop, kernels, batch):
     dim, heads, head_dim, tokens = shape
     seed = dim * 100 + heads

@@ -191,7 +191,7 @@ class BankStep:
             if self._by_hand(x, g1 - g0):
                 loss, named = attentive_loss_and_grads(
                     bank.spec, {n: bank.params[n][g0:g1] for n in self.names}, buffers,
-                    job or x, yb, self.weights, None if drop is None else drop[0])
+                    job or x, yb, self.weights, None if drop is None else drop[0], parts=True)
                 grads, job = [named.get(n) for n in self.names], None  # x is jittered now
             else:
                 leaves = {n: bank.params[n][g0:g1].detach().requires_grad_()
@@ -228,11 +228,13 @@ class BankStep:
                  zip(self.extra, extra_grads, self.extra_avgs, self.extra_avg_sqs, strict=True)
                  if g is not None]
         # (g1 - g0) views of each tensor, one per probe; probe g's lists are then zipped.
+        # A gradient in parts (a pass of one probe by hand) is its one probe's as it is.
         rows = [[t.contiguous().unbind(0) for t in ts] for ts in (
             [self.bank.params[self.names[i]][g0:g1] for i in used],
-            [probe_grads[i] for i in used],
             [self.exp_avgs[i][g0:g1] for i in used],
             [self.exp_avg_sqs[i][g0:g1] for i in used])]
+        rows.insert(1, [(g,) if isinstance(g, native.GradParts) else g.contiguous().unbind(0)
+                        for g in (probe_grads[i] for i in used)])
         lrs = self.lrs[s, g0:g1].tolist()
         if not extra and native.adamw_ready(*(t for ts in rows for views in ts for t in views)):
             for k in range(g1 - g0):
@@ -240,6 +242,9 @@ class BankStep:
                 native.adamw_step(p, grad, m, v, self.step_count, lrs[k],
                                   self.configs[g0 + k].wd, BETAS, ADAM_EPS, CLIP_NORM)
             return
+        probe_grads = [g.tensor().unsqueeze(0) if isinstance(g, native.GradParts) else g
+                       for g in probe_grads]
+        rows[1] = [probe_grads[i].contiguous().unbind(0) for i in used]
         divisors = clip_divisors([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
         self._step_t.fill_(self.step_count)
         for k in range(g1 - g0):

@@ -33,10 +33,10 @@ _SIGNATURES = {
     "attention": {"attend_forward": [_P] * 4 + [ctypes.c_uint64, _F, _F] + [_P] * 8
                                     + [_N] * 5 + [ctypes.c_int],
                   "attend_backward": [_P] * 11 + [_N] * 5 + [ctypes.c_int]},
-    "adamw": {"adamw_step": [_P] * 5 + [_N] + [ctypes.c_double] * 7 + [_P, ctypes.c_int]},
+    "adamw": {"adamw_step": [_P] * 10 + [_N] + [ctypes.c_double] * 7 + [_P, ctypes.c_int]},
     "head": {"batch_norm_head": [_P] * 7 + [_F] + [_P] * 8 + [_N] * 3 + [ctypes.c_int]},
     "params": {"params_forward": [_P] * 9 + [_F, _F] + [_P] * 9 + [_N] * 3 + [ctypes.c_int],
-               "params_backward": [_P] * 10 + [_F] + [_P] * 14 + [_N] * 3 + [ctypes.c_int]},
+               "params_backward": [_P] * 10 + [_F] + [_P] * 16 + [_N] * 3 + [ctypes.c_int]},
 }
 
 
@@ -165,27 +165,60 @@ def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torc
     return g_u, g_shift, g_w
 
 
-def adamw_ready(*tensors: torch.Tensor) -> bool:
-    return _ready("adamw", *tensors)
+class GradParts(NamedTuple):
+    """A (rows, cols) gradient in parts, composed where ``adamw_step`` reads it and never
+    stored whole: base * cscale + left[r] * right[r // group] (a part None: absent); base
+    (rows, cols), cscale (cols,), left (rows,), right (rows // group, cols)."""
+    base: torch.Tensor | None
+    cscale: torch.Tensor | None
+    left: torch.Tensor | None
+    right: torch.Tensor | None
+    shape: tuple[int, int]
+    group: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.base, self.cscale, self.left, self.right) if t is not None]
+
+    def tensor(self) -> torch.Tensor:
+        """The gradient, composed by torch."""
+        rows, cols = self.shape
+        out = torch.zeros(self.shape, dtype=self.tensors()[0].dtype)
+        if self.base is not None:
+            out = self.base * (1.0 if self.cscale is None else self.cscale)
+        if self.left is not None:
+            out = out + (self.left.view(-1, self.group, 1) * self.right.view(-1, 1, cols)
+                         ).view(rows, cols)
+        return out
 
 
-def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+def adamw_ready(*tensors: torch.Tensor | GradParts) -> bool:
+    return _ready("adamw", *(t for x in tensors
+                             for t in (x.tensors() if isinstance(x, GradParts) else [x])))
+
+
+def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor | GradParts],
                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
                lr: float, wd: float, betas: tuple[float, float], eps: float,
                max_norm: float) -> float:
     """One probe's clipping and AdamW step over its tensors (any shapes, matched by position),
     in one call: the gradients divided by max(1, (their total norm + 1e-6) / max_norm), then
     torch.optim.AdamW's update at the step number ``step`` (1, 2, ...). Gradients are only
-    read. Returns the divisor."""
-    def pointers(ts: list[torch.Tensor]):
-        return (_P * len(ts))(*(t.data_ptr() for t in ts))
+    read; a GradParts one is composed as it is read. Returns the divisor."""
+    def pointers(ts):
+        return (_P * len(ts))(*(None if t is None else t.data_ptr() for t in ts))
+
+    parts = [g if isinstance(g, GradParts) else GradParts(g, None, None, None,
+                                                           (1, g.numel()), 1) for g in grads]
     sizes = (_N * len(params))(*(t.numel() for t in params))
     divisor = ctypes.c_float()
     with record_function("alfusion::adamw_step"):
         library("adamw").adamw_step(
-            pointers(params), pointers(grads), pointers(exp_avgs), pointers(exp_avg_sqs),
-            sizes, len(params), step, lr, wd, betas[0], betas[1], eps, max_norm,
-            ctypes.byref(divisor), torch.get_num_threads())
+            pointers(params), *(pointers([getattr(g, f) for g in parts])
+                                for f in ("base", "cscale", "left", "right")),
+            (_N * len(parts))(*(g.shape[1] for g in parts)),
+            (_N * len(parts))(*(g.group for g in parts)),
+            pointers(exp_avgs), pointers(exp_avg_sqs), sizes, len(params), step, lr, wd,
+            betas[0], betas[1], eps, max_norm, ctypes.byref(divisor), torch.get_num_threads())
     return divisor.value
 
 
@@ -241,18 +274,27 @@ def params_forward(query, nq_w, nq_b, q_w, k_w, nk_w, v_w, nv_w, nv_b, scale: fl
 
 
 def params_backward(g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w, nv_b, scale: float,
-                    qhat, rstd_q, qn, q, k_q) -> tuple[torch.Tensor, ...]:
+                    qhat, rstd_q, qn, q, k_q, parts: bool = False
+                    ) -> tuple[torch.Tensor | GradParts, ...]:
     """The gradients of the parameters of ``params_forward`` given g_u (H, D), g_w (H, E, D)
     and g_shift (A) and its saved qhat, rstd_q, qn, q, k_q -> (query, nq_w, nq_b (D),
-    q_w, k_w (A, D), nk_w (D), v_w (A, D), nv_w, nv_b (D))."""
+    q_w, k_w (A, D), nk_w (D), v_w (A, D), nv_w, nv_b (D)); ``parts``: the three matrices'
+    as GradParts (for ``adamw_step``), not written out."""
     A, D = q_w.shape
     H = g_u.shape[0]
     new = q_w.new_empty
-    out = (new(D), new(D), new(D), new(A, D), new(A, D), new(D), new(A, D), new(D), new(D))
+    out = [new(D), new(D), new(D), new(A, D), new(A, D), new(D), new(A, D), new(D), new(D)]
+    g_k_q, g_q = new(H, D), new(A)
     with record_function("alfusion::params_backward"):
         library("params").params_backward(
             *(t.data_ptr() for t in (g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w,
                                      nv_b)),
             scale, *(t.data_ptr() for t in (qhat, rstd_q, qn, q, k_q)),
-            *(t.data_ptr() for t in out), H, A // H, D, torch.get_num_threads())
-    return out
+            *(None if parts and i in (3, 4, 6) else t.data_ptr() for i, t in enumerate(out)),
+            g_k_q.data_ptr(), g_q.data_ptr(), H, A // H, D, torch.get_num_threads())
+    if parts:  # LN_v's affine copied: adamw_step updates it while it composes v's gradient
+        out[3] = GradParts(None, None, g_q, qn.view(1, D), (A, D), A)
+        out[4] = GradParts(None, None, q.view(A), g_k_q, (A, D), A // H)
+        out[6] = GradParts(g_w.view(A, D), nv_w.clone(), g_shift.view(A),
+                           nv_b.clone().view(1, D), (A, D), A)
+    return tuple(out)

@@ -3,6 +3,11 @@
  * tensor by tensor). The update is torch.optim.AdamW's (decoupled decay, bias corrections,
  * eps added to the corrected root); the gradients are read, not written.
  *
+ * A gradient may be given in parts and composed here as it is read, block by block, never
+ * stored whole: g[r, c] = base[r, c] cscale[c] + left[r] right[r / group, c] (any part
+ * absent), for the attentive probe's k and q weights (rank one per head) and v weights
+ * (params.c), so their gradients cost no pass over memory of their own.
+ *
  * The norm is summed in fixed blocks of BLOCK elements, each in double, and the blocks'
  * sums in order, so it does not depend on the thread count. */
 #include <math.h>
@@ -31,6 +36,33 @@ static void locate(const int64_t *first, const int64_t *sizes, int64_t n, int64_
     *i = t;
     *lo = (k - first[t]) * BLOCK;
     *hi = *lo + BLOCK < sizes[t] ? *lo + BLOCK : sizes[t];
+}
+
+/* The gradients of the n tensors: tensor i's as base[i] alone (cscale[i], left[i] NULL) or
+ * in parts, rows of cols[i]. */
+typedef struct {
+    const float *const *base, *const *cscale, *const *left, *const *right;
+    const int64_t *cols, *group;
+} Grads;
+
+/* Tensor i's gradient, elements [lo, hi): where it is stored as is, else composed into buf
+ * (row by row: left[r] times right's row r / group, plus base times cscale). */
+static const float *gradient(const Grads *g, int64_t i, int64_t lo, int64_t hi, float *buf) {
+    const float *base = g->base[i], *cscale = g->cscale[i], *left = g->left[i];
+    if (!cscale && !left) return base + lo;
+    int64_t cols = g->cols[i], r = lo / cols, c = lo - r * cols;
+    for (int64_t e = lo; e < hi; r++, c = 0) {
+        int64_t n = cols - c < hi - e ? cols - c : hi - e;
+        const float *row = left ? g->right[i] + (r / g->group[i]) * cols + c : NULL;
+        float l = left ? left[r] : 0.0f;
+        float *out = buf + (e - lo);
+        for (int64_t j = 0; j < n; j++) {
+            float x = base ? (cscale ? base[e + j] * cscale[c + j] : base[e + j]) : 0.0f;
+            out[j] = row ? x + l * row[j] : x;
+        }
+        e += n;
+    }
+    return buf;
 }
 
 /* The update's constants, in float as torch.optim.AdamW casts its double scalars. */
@@ -69,14 +101,18 @@ __attribute__((noinline)) static void update(float *p, float *m, float *v, const
     }
 }
 
-/* params, grads, exp_avgs, exp_avg_sqs: n pointers each to sizes[i] floats. step: the step
- * number after increment; lr, wd: this step's; max_norm: the clipping norm. The gradients
- * are divided by divisor = max(1, (norm + 1e-6) / max_norm) (clip_grad_norm_'s rule, norm
- * their total 2-norm), written to *divisor. */
-void adamw_step(float *const *params, const float *const *grads, float *const *exp_avgs,
-                float *const *exp_avg_sqs, const int64_t *sizes, int64_t n, double step,
-                double lr, double wd, double beta1, double beta2, double eps, double max_norm,
-                float *divisor, int threads) {
+/* params, exp_avgs, exp_avg_sqs: n pointers each to sizes[i] floats; their gradients given
+ * as Grads (base, cscale, left, right, cols, group: n entries each). step: the step number
+ * after increment; lr, wd: this step's; max_norm: the clipping norm. The gradients are
+ * divided by divisor = max(1, (norm + 1e-6) / max_norm) (clip_grad_norm_'s rule, norm their
+ * total 2-norm), written to *divisor. */
+void adamw_step(float *const *params, const float *const *base, const float *const *cscale,
+                const float *const *left, const float *const *right, const int64_t *cols,
+                const int64_t *group, float *const *exp_avgs, float *const *exp_avg_sqs,
+                const int64_t *sizes, int64_t n, double step, double lr, double wd,
+                double beta1, double beta2, double eps, double max_norm, float *divisor,
+                int threads) {
+    const Grads grads = {base, cscale, left, right, cols, group};
     int64_t *first = malloc(sizeof(int64_t) * (size_t)(n + 1));
     int64_t blocks = blocks_of(sizes, n, first);
     double *sums = malloc(sizeof(double) * (size_t)blocks);
@@ -84,10 +120,12 @@ void adamw_step(float *const *params, const float *const *grads, float *const *e
     for (int64_t k = 0; k < blocks; k++) {
         int64_t i, lo, hi;
         locate(first, sizes, n, k, &i, &lo, &hi);
+        float buf[BLOCK];
+        const float *g = gradient(&grads, i, lo, hi, buf);
         int64_t body = (hi - lo) / VL * VL;
         float rest[VL] = {0};
-        memcpy(rest, grads[i] + lo + body, sizeof(float) * (size_t)(hi - lo - body));
-        sums[k] = squares(grads[i] + lo, body) + squares(rest, VL);
+        memcpy(rest, g + body, sizeof(float) * (size_t)(hi - lo - body));
+        sums[k] = squares(g, body) + squares(rest, VL);
     }
     double total = 0.0;
     for (int64_t k = 0; k < blocks; k++) total += sums[k];
@@ -103,7 +141,8 @@ void adamw_step(float *const *params, const float *const *grads, float *const *e
         locate(first, sizes, n, k, &i, &lo, &hi);
         int64_t body = (hi - lo) / VL * VL, r = hi - lo - body;
         float *p = params[i] + lo, *m = exp_avgs[i] + lo, *v = exp_avg_sqs[i] + lo;
-        const float *g = grads[i] + lo;
+        float buf[BLOCK];
+        const float *g = gradient(&grads, i, lo, hi, buf);
         update(p, m, v, g, body, &c);
         if (r) {  /* the rest through the same sequence, padded to a vector */
             float tail[4][VL] = {{0}};

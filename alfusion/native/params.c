@@ -58,17 +58,19 @@ void params_forward(const float *query, const float *nq_w, const float *nq_b, co
 
 /* Backward. g_u (H, D) the gradient of u, g_w (H, E, D) of w, g_shift (A) of shift; the
  * parameters and qhat, rstd_q, qn, q, k_q as forward. Out: the gradients of query, nq_w,
- * nq_b (D), q_w, k_w (A, D), nk_w (D), v_w (A, D), nv_w, nv_b (D). */
+ * nq_b (D), q_w, k_w (A, D), nk_w (D), v_w (A, D), nv_w, nv_b (D), and g_k_q (H, D) and
+ * g_q (A), of which those of k_w (q[a] g_k_q[h]) and q_w (g_q[a] qn) are made. The three
+ * matrices' gradients may be NULL: not written (adamw.c composes them as it reads them). */
 void params_backward(const float *g_u, const float *g_w, const float *g_shift,
                      const float *nq_w, const float *q_w, const float *k_w, const float *nk_w,
                      const float *v_w, const float *nv_w, const float *nv_b, float scale,
                      const float *qhat, const float *rstd_q, const float *qn, const float *q,
                      const float *k_q, float *g_query, float *g_nq_w, float *g_nq_b,
                      float *g_q_w, float *g_k_w, float *g_nk_w, float *g_v_w, float *g_nv_w,
-                     float *g_nv_b, int64_t H, int64_t E, int64_t D, int threads) {
+                     float *g_nv_b, float *g_k_q, float *g_q, int64_t H, int64_t E, int64_t D,
+                     int threads) {
     int64_t A = H * E;
-    float *g_k_q = malloc(sizeof(float) * (size_t)(H * D + A + D));
-    float *g_q = g_k_q + H * D, *g_qn = g_q + A;
+    float *g_qn = malloc(sizeof(float) * (size_t)D);
 #pragma omp parallel num_threads(threads)
     {
         int64_t d0, d1;
@@ -85,19 +87,18 @@ void params_backward(const float *g_u, const float *g_w, const float *g_shift,
         for (int64_t a = 0; a < A; a++) {  /* k_w's gradient q[a] g_k_q[h], and g_q */
             const float *gk = g_k_q + (a / E) * D;
             float s = 0.0f;
-            for (int64_t d = 0; d < D; d++) {
-                g_k_w[a * D + d] = q[a] * gk[d];
-                s += k_w[a * D + d] * gk[d];
-            }
+            for (int64_t d = 0; d < D; d++) s += k_w[a * D + d] * gk[d];
+            if (g_k_w)
+                for (int64_t d = 0; d < D; d++) g_k_w[a * D + d] = q[a] * gk[d];
             g_q[a] = s;
         }
         for (int64_t d = d0; d < d1; d++) g_qn[d] = g_nv_w[d] = g_nv_b[d] = 0.0f;
         for (int64_t a = 0; a < A; a++)
             for (int64_t d = d0; d < d1; d++) {
                 int64_t i = a * D + d;
-                g_q_w[i] = g_q[a] * qn[d];
+                if (g_q_w) g_q_w[i] = g_q[a] * qn[d];
                 g_qn[d] += q_w[i] * g_q[a];
-                g_v_w[i] = g_w[i] * nv_w[d] + g_shift[a] * nv_b[d];
+                if (g_v_w) g_v_w[i] = g_w[i] * nv_w[d] + g_shift[a] * nv_b[d];
                 g_nv_w[d] += g_w[i] * v_w[i];
                 g_nv_b[d] += g_shift[a] * v_w[i];
             }
@@ -114,5 +115,5 @@ void params_backward(const float *g_u, const float *g_w, const float *g_shift,
     mq /= (float)D;
     for (int64_t d = 0; d < D; d++)
         g_query[d] = *rstd_q * (g_qn[d] * nq_w[d] - m - qhat[d] * mq);
-    free(g_k_q);
+    free(g_qn);
 }

@@ -132,13 +132,14 @@ def _params_forward_native(spec: AttentiveSpec, p: dict) -> dict[str, torch.Tens
 
 
 def _params_backward_native(spec: AttentiveSpec, p: dict, saved: dict, g_u: torch.Tensor,
-                            g_w: torch.Tensor, g_shift: torch.Tensor
-                            ) -> dict[str, torch.Tensor]:
-    """``_params_backward`` in one native call (native/params.c)."""
+                            g_w: torch.Tensor, g_shift: torch.Tensor, parts: bool = False
+                            ) -> dict[str, torch.Tensor | native.GradParts]:
+    """``_params_backward`` in one native call (native/params.c); ``parts``: the q, k and v
+    weights' gradients as native.GradParts, not written out."""
     out = native.params_backward(
         g_u, g_w, g_shift.contiguous(), p["norm_q.weight"], p["q.weight"], p["k.weight"],
         p["norm_k.weight"], p["v.weight"], p["norm_v.weight"], p["norm_v.bias"], spec.scale,
-        *(saved[n] for n in ("qhat", "rstd_q", "qn", "q", "k_q")))
+        *(saved[n] for n in ("qhat", "rstd_q", "qn", "q", "k_q")), parts=parts)
     grads = dict(zip(PARAMS, out, strict=True))
     grads["query"] = grads["query"].view(1, 1, spec.dim)
     return grads
@@ -146,15 +147,18 @@ def _params_backward_native(spec: AttentiveSpec, p: dict, saved: dict, g_u: torc
 
 def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict,
                              xhat: torch.Tensor | native.JitterPass, y: torch.Tensor,
-                             weights: torch.Tensor, drop: torch.Tensor | None = None
-                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                             weights: torch.Tensor, drop: torch.Tensor | None = None,
+                             parts: bool = False
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor | native.GradParts]]:
     """Training step of one probe: p, buffers hold (1, *shape) tensors (a pass of one probe
     of a ProbeBank); xhat (B, T, D) normalised tokens (``normalise_tokens``), or the jitter
     pass that makes them (run by the attention forward as it reads them, or first); y (B,)
     labels; weights (C,) class weights; drop (B, H, T) dropout multipliers or None.
 
     Returns (loss (1,), gradients: name -> (1, *shape)), the class-weighted cross-entropy and
-    its gradient for every parameter that has one (``norm_k.bias`` cancels in the softmax).
+    its gradient for every parameter that has one (``norm_k.bias`` cancels in the softmax);
+    ``parts`` with the native kernels: the q, k and v weights' as native.GradParts (their
+    shape without the probe axis), composed by native.adamw_step as it reads them.
     BatchNorm's running statistics in ``buffers`` are updated as in training mode."""
     H, E, D = spec.heads, spec.head_dim, spec.dim
     A = H * E
@@ -206,6 +210,7 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict,
             g_attn *= drop_t
         g_s = attn * (g_attn - (g_attn * attn).sum(1, keepdim=True))  # through the softmax
         g_u = g_s.view(B * T, H).t() @ tokens  # (H, D)
-    grads.update((_params_backward_native if use_native else _params_backward)(
-        spec, p, saved, g_u, g_w_v_g, g_shift))
-    return loss.view(1), {k: v.unsqueeze(0) for k, v in grads.items()}
+    grads.update(_params_backward_native(spec, p, saved, g_u, g_w_v_g, g_shift, parts)
+                 if use_native else _params_backward(spec, p, saved, g_u, g_w_v_g, g_shift))
+    return loss.view(1), {k: v if isinstance(v, native.GradParts) else v.unsqueeze(0)
+                          for k, v in grads.items()}
