@@ -182,9 +182,8 @@ class GradParts(NamedTuple):
     def tensor(self) -> torch.Tensor:
         """The gradient, composed by torch."""
         rows, cols = self.shape
-        out = torch.zeros(self.shape, dtype=self.tensors()[0].dtype)
-        if self.base is not None:
-            out = self.base * (1.0 if self.cscale is None else self.cscale)
+        out = 0.0 if self.base is None else \
+            self.base * (1.0 if self.cscale is None else self.cscale)
         if self.left is not None:
             out = out + (self.left.view(-1, self.group, 1) * self.right.view(-1, 1, cols)
                          ).view(rows, cols)
@@ -283,14 +282,15 @@ def params_backward(g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w, nv_b, sc
     A, D = q_w.shape
     H = g_u.shape[0]
     new = q_w.new_empty
-    out = [new(D), new(D), new(D), new(A, D), new(A, D), new(D), new(A, D), new(D), new(D)]
+    shapes = [(D,), (D,), (D,), (A, D), (A, D), (D,), (A, D), (D,), (D,)]
+    out = [None if parts and len(shape) == 2 else new(shape) for shape in shapes]
     g_k_q, g_q = new(H, D), new(A)
     with record_function("alfusion::params_backward"):
         library("params").params_backward(
             *(t.data_ptr() for t in (g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w,
                                      nv_b)),
             scale, *(t.data_ptr() for t in (qhat, rstd_q, qn, q, k_q)),
-            *(None if parts and i in (3, 4, 6) else t.data_ptr() for i, t in enumerate(out)),
+            *(_ptr(t) for t in out),
             g_k_q.data_ptr(), g_q.data_ptr(), H, A // H, D, torch.get_num_threads())
     if parts:  # LN_v's affine copied: adamw_step updates it while it composes v's gradient
         out[3] = GradParts(None, None, g_q, qn.view(1, D), (A, D), A)
