@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alfusion.native import GradParts, clipped_adamw
+
 BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, as the paper uses them
 ADAM_EPS = 1e-8
 MIN_LR = 1e-6  # the cosine schedule's floor, reached at the last step (no warm-up)
@@ -187,6 +189,18 @@ def fused_adamw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                         [step] * len(params), lr=lr, beta1=BETAS[0], beta2=BETAS[1],
                         weight_decay=wd, eps=ADAM_EPS, amsgrad=False, maximize=False,
                         grad_scale=clip, found_inf=None)
+
+
+def native_adamw(params: Sequence[torch.Tensor],
+                 grads: Sequence[torch.Tensor | GradParts],
+                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                 step: int, lr: float, wd: float) -> float:
+    """``clip_divisors`` and ``fused_adamw`` of ONE probe in one native call on the CPU
+    (native/adamw.c, when ``native.adamw_ready``): the clipping norm, betas and eps of the
+    protocol; gradients are only read, and may come in parts (native.GradParts). step: the
+    step number after increment. Returns the clipping divisor."""
+    return clipped_adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                         step, lr, wd, BETAS, ADAM_EPS, CLIP_NORM)
 
 
 def non_finite(step: int, hp: HParams) -> NonFiniteLoss:

@@ -12,9 +12,6 @@ from alfusion.engine import BankStep, TensorSteps
 from alfusion.probes import AttentiveProbe
 from alfusion.probes.bank import ProbeBank, fresh_probe
 from alfusion.protocol import (
-    ADAM_EPS,
-    BETAS,
-    CLIP_NORM,
     MIN_LR,
     BatchPlan,
     HParams,
@@ -22,6 +19,7 @@ from alfusion.protocol import (
     clip_divisors,
     cosine_lrs,
     fused_adamw,
+    native_adamw,
 )
 
 
@@ -53,8 +51,7 @@ def test_fused_adamw_with_clipping_matches_torch_optim_and_clip_grad_norm(kernel
             if kernel == "native":
                 assert native.adamw_ready(*params, *grads, *m, *v), "adamw.c did not build"
                 kept = [grad.clone() for grad in grads]
-                divisor = native.adamw_step(params, grads, m, v, s + 1, float(table[s, 0]), wd,
-                                            BETAS, ADAM_EPS, CLIP_NORM)
+                divisor = native_adamw(params, grads, m, v, s + 1, float(table[s, 0]), wd)
                 assert (divisor > 1) == (scale > 1)
                 assert all(torch.equal(a, b) for a, b in zip(grads, kept, strict=True))
                 continue
@@ -82,8 +79,7 @@ def test_native_adamw_does_not_depend_on_the_thread_count():
             params, m = [t.clone() for t in start], [t.clone() for t in start]
             v = [t * t for t in start]  # second moments are not negative
             for s in range(3):
-                native.adamw_step(params, grads, m, v, s + 1, 0.1, 1e-2, BETAS, ADAM_EPS,
-                                  CLIP_NORM)
+                native_adamw(params, grads, m, v, s + 1, 0.1, 1e-2)
             results.append(params + m + v)
     finally:
         torch.set_num_threads(before)

@@ -33,15 +33,13 @@ from alfusion.probes.attentive_grads import attentive_loss_and_grads
 from alfusion.probes.bank import ProbeBank
 from alfusion.probes.functional import probe_logits, weighted_loss
 from alfusion.protocol import (
-    ADAM_EPS,
-    BETAS,
-    CLIP_NORM,
     MIN_LR,
     HParams,
     NonFiniteLoss,
     clip_divisors,
     cosine_lrs,
     fused_adamw,
+    native_adamw,
     non_finite,
 )
 from alfusion.random_draws import JITTER_MODES, ProbeStream, probe_seed
@@ -239,8 +237,7 @@ class BankStep:
         if not extra and native.adamw_ready(*(t for ts in rows for views in ts for t in views)):
             for k in range(g1 - g0):
                 p, grad, m, v = ([t[k] for t in ts] for ts in rows)
-                native.adamw_step(p, grad, m, v, self.step_count, lrs[k],
-                                  self.configs[g0 + k].wd, BETAS, ADAM_EPS, CLIP_NORM)
+                native_adamw(p, grad, m, v, self.step_count, lrs[k], self.configs[g0 + k].wd)
             return
         probe_grads = [g.tensor().unsqueeze(0) if isinstance(g, native.GradParts) else g
                        for g in probe_grads]

@@ -166,7 +166,7 @@ def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torc
 
 
 class GradParts(NamedTuple):
-    """A (rows, cols) gradient in parts, composed where ``adamw_step`` reads it and never
+    """A (rows, cols) gradient in parts, composed where ``clipped_adamw`` reads it and never
     stored whole: base * cscale + left[r] * right[r // group] (a part None: absent); base
     (rows, cols), cscale (cols,), left (rows,), right (rows // group, cols)."""
     base: torch.Tensor | None
@@ -195,14 +195,15 @@ def adamw_ready(*tensors: torch.Tensor | GradParts) -> bool:
                              for t in (x.tensors() if isinstance(x, GradParts) else [x])))
 
 
-def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor | GradParts],
+def clipped_adamw(params: list[torch.Tensor], grads: list[torch.Tensor | GradParts],
                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
                lr: float, wd: float, betas: tuple[float, float], eps: float,
                max_norm: float) -> float:
     """One probe's clipping and AdamW step over its tensors (any shapes, matched by position),
-    in one call: the gradients divided by max(1, (their total norm + 1e-6) / max_norm), then
-    torch.optim.AdamW's update at the step number ``step`` (1, 2, ...). Gradients are only
-    read; a GradParts one is composed as it is read. Returns the divisor."""
+    in one call (protocol.native_adamw gives it the protocol's settings): the gradients
+    divided by max(1, (their total norm + 1e-6) / max_norm), then torch.optim.AdamW's update
+    at the step number ``step`` (1, 2, ...). Gradients are only read; a GradParts one is
+    composed as it is read. Returns the divisor."""
     def pointers(ts):
         return (_P * len(ts))(*(None if t is None else t.data_ptr() for t in ts))
 
@@ -278,7 +279,7 @@ def params_backward(g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w, nv_b, sc
     """The gradients of the parameters of ``params_forward`` given g_u (H, D), g_w (H, E, D)
     and g_shift (A) and its saved qhat, rstd_q, qn, q, k_q -> (query, nq_w, nq_b (D),
     q_w, k_w (A, D), nk_w (D), v_w (A, D), nv_w, nv_b (D)); ``parts``: the three matrices'
-    as GradParts (for ``adamw_step``), not written out."""
+    as GradParts (for ``clipped_adamw``), not written out."""
     A, D = q_w.shape
     H = g_u.shape[0]
     new = q_w.new_empty
@@ -292,7 +293,7 @@ def params_backward(g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w, nv_b, sc
             scale, *(t.data_ptr() for t in (qhat, rstd_q, qn, q, k_q)),
             *(_ptr(t) for t in out),
             g_k_q.data_ptr(), g_q.data_ptr(), H, A // H, D, torch.get_num_threads())
-    if parts:  # LN_v's affine copied: adamw_step updates it while it composes v's gradient
+    if parts:  # LN_v's affine copied: clipped_adamw updates it while it composes v's gradient
         out[3] = GradParts(None, None, g_q, qn.view(1, D), (A, D), A)
         out[4] = GradParts(None, None, q.view(A), g_k_q, (A, D), A // H)
         out[6] = GradParts(g_w.view(A, D), nv_w.clone(), g_shift.view(A),

@@ -158,7 +158,8 @@ def attentive_loss_and_grads(spec: AttentiveSpec, p: dict, buffers: dict,
     Returns (loss (1,), gradients: name -> (1, *shape)), the class-weighted cross-entropy and
     its gradient for every parameter that has one (``norm_k.bias`` cancels in the softmax);
     ``parts`` with the native kernels: the q, k and v weights' as native.GradParts (their
-    shape without the probe axis), composed by native.adamw_step as it reads them.
+    shape without the probe axis), composed by the native AdamW (protocol.native_adamw) as
+    it reads them.
     BatchNorm's running statistics in ``buffers`` are updated as in training mode."""
     H, E, D = spec.heads, spec.head_dim, spec.dim
     A = H * E
