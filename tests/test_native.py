@@ -51,7 +51,7 @@ def oracle_normals(key: int, row: int, n: int) -> torch.Tensor:
 def kernel_noise(key: int, rows: list[int], n: int) -> torch.Tensor:
     """The kernel's raw noise: sigma 1 on zeros, no LayerNorm -> (len(rows), n)."""
     x = torch.zeros(len(rows), n)
-    return native.jitter_tokens_(x, torch.tensor(rows), key, 1.0, None)
+    return native.jitter_pass(x, torch.tensor(rows), key, 1.0, None).run()
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_the_fused_layer_norm_is_layer_norm():
     rows = torch.tensor([-1, 4, -1, 9, 10, -1])
     noised = x.clone()
     noised[rows >= 0] += 0.05 * kernel_noise(77, [4, 9, 10], 5 * 96).view(3, 5, 96)
-    got = native.jitter_tokens_(x.clone(), rows, 77, 0.05, 1e-6)
+    got = native.jitter_pass(x.clone(), rows, 77, 0.05, 1e-6).run()
     torch.testing.assert_close(got, F.layer_norm(noised, (96,), eps=1e-6), rtol=0, atol=2e-6)
 
 
@@ -100,7 +100,7 @@ def test_the_result_does_not_depend_on_the_thread_count():
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            outs.append(native.jitter_tokens_(x.clone(), rows, 5, 0.05, 1e-6))
+            outs.append(native.jitter_pass(x.clone(), rows, 5, 0.05, 1e-6).run())
         finally:
             torch.set_num_threads(before)
     assert torch.equal(*outs)

@@ -81,9 +81,9 @@ def jitter_ready(x: torch.Tensor) -> bool:
 
 class JitterPass(NamedTuple):
     """A batch's jitter, not yet run (``jitter_pass`` makes it: rows and index contiguous
-    int64, eps -1 for none): ``run()`` runs it; the attention forward takes it instead of its
-    tokens and jitters each sample as it reads it (``attend_forward``), with the same
-    result."""
+    int64, eps -1 for none): ``run()`` runs it and returns x; the attention forward takes it
+    instead of its tokens and jitters each sample as it reads it (``attend_forward``), with
+    the same result."""
     x: torch.Tensor
     rows: torch.Tensor
     key: int
@@ -111,13 +111,6 @@ def jitter_pass(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
     return JitterPass(x, rows.contiguous(), key, sigma, -1.0 if eps is None else eps,
                       x if source is None else source,
                       None if index is None else index.to(torch.int64).contiguous())
-
-
-def jitter_tokens_(x: torch.Tensor, rows: torch.Tensor, key: int, sigma: float,
-                   eps: float | None, source: torch.Tensor | None = None,
-                   index: torch.Tensor | None = None) -> torch.Tensor:
-    """``jitter_pass``, run: returns x."""
-    return jitter_pass(x, rows, key, sigma, eps, source, index).run()
 
 
 def attention_ready(*tensors: torch.Tensor | None) -> bool:
