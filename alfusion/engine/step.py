@@ -225,29 +225,26 @@ class BankStep:
         extra = [(p, g.unsqueeze(0), m, v) for p, g, m, v in
                  zip(self.extra, extra_grads, self.extra_avgs, self.extra_avg_sqs, strict=True)
                  if g is not None]
-        # (g1 - g0) views of each tensor, one per probe; probe g's lists are then zipped.
-        # A gradient in parts (a pass of one probe by hand) is its one probe's as it is.
-        rows = [[t.contiguous().unbind(0) for t in ts] for ts in (
-            [self.bank.params[self.names[i]][g0:g1] for i in used],
-            [self.exp_avgs[i][g0:g1] for i in used],
-            [self.exp_avg_sqs[i][g0:g1] for i in used])]
-        rows.insert(1, [(g,) if isinstance(g, native.GradParts) else g.contiguous().unbind(0)
-                        for g in (probe_grads[i] for i in used)])
         lrs = self.lrs[s, g0:g1].tolist()
-        if not extra and native.adamw_ready(*(t for ts in rows for views in ts for t in views)):
+        grads = [probe_grads[i] if isinstance(probe_grads[i], native.GradParts)
+                 else probe_grads[i].contiguous() for i in used]
+        state = [[ts[i] for i in used] for ts in (
+            [self.bank.params[n] for n in self.names], self.exp_avgs, self.exp_avg_sqs)]
+        # probe g0 + k's views: row k of each tensor (a gradient in parts: its one probe's)
+        if not extra and native.adamw_ready(*grads, *(t for ts in state for t in ts)):
             for k in range(g1 - g0):
-                p, grad, m, v = ([t[k] for t in ts] for ts in rows)
+                p, m, v = ([t[g0 + k] for t in ts] for ts in state)
+                grad = [g if isinstance(g, native.GradParts) else g[k] for g in grads]
                 native_adamw(p, grad, m, v, self.step_count, lrs[k], self.configs[g0 + k].wd)
             return
-        probe_grads = [g.tensor().unsqueeze(0) if isinstance(g, native.GradParts) else g
-                       for g in probe_grads]
-        rows[1] = [probe_grads[i].contiguous().unbind(0) for i in used]
-        divisors = clip_divisors([probe_grads[i] for i in used] + [g for _, g, _, _ in extra])
+        grads = [g.tensor().unsqueeze(0) if isinstance(g, native.GradParts) else g
+                 for g in grads]
+        divisors = clip_divisors(grads + [g for _, g, _, _ in extra])
         self._step_t.fill_(self.step_count)
         for k in range(g1 - g0):
-            p, grad, m, v = ([t[k] for t in ts] for ts in rows)
-            fused_adamw(p, grad, m, v, self._step_t, lrs[k], self.configs[g0 + k].wd,
-                        divisors[k])
+            p, m, v = ([t[g0 + k] for t in ts] for ts in state)
+            fused_adamw(p, [g[k] for g in grads], m, v, self._step_t, lrs[k],
+                        self.configs[g0 + k].wd, divisors[k])
         if extra:
             fused_adamw([p.data for p, _, _, _ in extra], [g[0] for _, g, _, _ in extra],
                         [m for _, _, m, _ in extra], [v for _, _, _, v in extra], self._step_t,

@@ -64,9 +64,16 @@ def off():
         _off[0] = before
 
 
+def _labelled(name: str) -> contextlib.AbstractContextManager:
+    """A kernel call's label in torch.profiler's records while one records (the time a part
+    of a step takes: benchmarks/bench_fit_limit.py); otherwise nothing (a label costs about
+    20 us a call, a few tenths of a percent of a CPU step)."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+
+
 def _ready(name: str, *tensors: torch.Tensor | None) -> bool:
     # a kernel writes through data pointers, out of autograd's sight
-    takes = all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+    takes = all(t is None or (t.is_cpu and t.dtype == torch.float32
                               and t.is_contiguous() and not t.requires_grad) for t in tensors)
     return not _off[0] and takes and library(name) is not None
 
@@ -93,7 +100,7 @@ class JitterPass(NamedTuple):
     index: torch.Tensor | None
 
     def run(self) -> torch.Tensor:
-        with record_function("alfusion::jitter_tokens"):
+        with _labelled("alfusion::jitter_tokens"):
             library("jitter").jitter_tokens(
                 self.x.data_ptr(), self.source.data_ptr(), _ptr(self.index), self.x.shape[0],
                 self.x[0].numel(), self.x.shape[-1], self.rows.data_ptr(), self.key,
@@ -133,7 +140,7 @@ def attend_forward(x: torch.Tensor | JitterPass, u: torch.Tensor, w_t: torch.Ten
                         x.new_empty(B, H, E))
     jitter = (job.source.data_ptr(), _ptr(job.index), job.rows.data_ptr(), job.key,
               job.sigma, job.eps) if job else (None, None, None, 0, 0.0, -1.0)
-    with record_function("alfusion::attend_forward"):
+    with _labelled("alfusion::attend_forward"):
         library("attention").attend_forward(
             x.data_ptr(), *jitter, u.data_ptr(), w_t.data_ptr(), shift.data_ptr(),
             _ptr(drop), attn.data_ptr(), z.data_ptr(), mass.data_ptr(), o.data_ptr(),
@@ -150,7 +157,7 @@ def attend_backward(x: torch.Tensor, z: torch.Tensor, g_o: torch.Tensor, w: torc
     B, T, D = x.shape
     H, E, _ = w.shape
     g_u, g_shift, g_w = x.new_empty(H, D), x.new_empty(H, E), x.new_empty(H, E, D)
-    with record_function("alfusion::attend_backward"):
+    with _labelled("alfusion::attend_backward"):
         library("attention").attend_backward(
             x.data_ptr(), z.data_ptr(), g_o.data_ptr(), w.data_ptr(), shift.data_ptr(),
             mass.data_ptr(), attn.data_ptr(), _ptr(drop), g_u.data_ptr(), g_shift.data_ptr(),
@@ -204,7 +211,7 @@ def clipped_adamw(params: list[torch.Tensor], grads: list[torch.Tensor | GradPar
                                                            (1, g.numel()), 1) for g in grads]
     sizes = (_N * len(params))(*(t.numel() for t in params))
     divisor = ctypes.c_float()
-    with record_function("alfusion::adamw_step"):
+    with _labelled("alfusion::adamw_step"):
         library("adamw").adamw_step(
             pointers(params), *(pointers([getattr(g, f) for g in parts])
                                 for f in ("base", "cscale", "left", "right")),
@@ -233,7 +240,7 @@ def batch_norm_head(pooled: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
     g_pooled, g_gamma, g_beta = torch.empty_like(pooled), pooled.new_empty(D), pooled.new_empty(D)
     g_w, g_bias = torch.empty_like(w), pooled.new_empty(C)
     y = y.to(torch.int64).contiguous()
-    with record_function("alfusion::batch_norm_head"):
+    with _labelled("alfusion::batch_norm_head"):
         library("head").batch_norm_head(
             pooled.data_ptr(), gamma.data_ptr(), beta.data_ptr(), w.data_ptr(),
             bias.data_ptr(), y.data_ptr(), w_y.data_ptr(), eps, mean.data_ptr(),
@@ -259,7 +266,7 @@ def params_forward(query, nq_w, nq_b, q_w, k_w, nk_w, v_w, nv_w, nv_b, scale: fl
     new = q_w.new_empty
     out = (new(D), new(1), new(D), new(A), new(H, D), new(H, D), new(H, E, D), new(H, D, E),
            new(A))
-    with record_function("alfusion::params_forward"):
+    with _labelled("alfusion::params_forward"):
         library("params").params_forward(
             *(t.data_ptr() for t in (query, nq_w, nq_b, q_w, k_w, nk_w, v_w, nv_w, nv_b)),
             scale, eps_q, *(t.data_ptr() for t in out), H, E, D, torch.get_num_threads())
@@ -279,7 +286,7 @@ def params_backward(g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w, nv_b, sc
     shapes = [(D,), (D,), (D,), (A, D), (A, D), (D,), (A, D), (D,), (D,)]
     out = [None if parts and len(shape) == 2 else new(shape) for shape in shapes]
     g_k_q, g_q = new(H, D), new(A)
-    with record_function("alfusion::params_backward"):
+    with _labelled("alfusion::params_backward"):
         library("params").params_backward(
             *(t.data_ptr() for t in (g_u, g_w, g_shift, nq_w, q_w, k_w, nk_w, v_w, nv_w,
                                      nv_b)),
