@@ -9,7 +9,12 @@
  *   block c of PHILOX_BLOCK (64) counters (i, row_lo, row_hi, 0), i = c * 64 + j, j < 64,
  *   gives 256 normals: [cos(a, b) for j] [sin(a, b) for j] [cos(c, d) for j] [sin(c, d) for j]
  *   with the Box-Muller pair r = sqrt(-2 log u1), theta = 2 pi u2 of 24-bit uniforms
- *   u1 = ((w >> 8) + 1) / 2^24 in (0, 1], u2 = (w >> 8) / 2^24. */
+ *   u1 = ((w >> 8) + 1) / 2^24 in (0, 1], u2 = (w >> 8) / 2^24.
+ * The logarithm, cosine and sine are this file's own (log_unit, sincos_unit: vector code
+ * without calls; 0.84 against 1.11 ns a normal with glibc's vector logf and cosf, one
+ * thread); against double precision,
+ * r cos theta and r sin theta are within 1e-6 for every one of the 2^24 values of u1 and of
+ * u2 (checked exhaustively when written; the tests hold them to the plain-Python oracle). */
 #ifndef ALFUSION_JITTER_H
 #define ALFUSION_JITTER_H
 #include <math.h>
@@ -85,6 +90,36 @@ static void philox_rounds(uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d, ui
 #endif
 }
 
+/* ln u1 for u1 = ((w >> 8) + 1) / 2^24: n = (w >> 8) + 1 (exact in float) = 2^e m with m in
+ * [sqrt(1/2), sqrt(2)), ln m = 2 atanh((m - 1) / (m + 1)) by its series to the 9th power;
+ * (e - 24) ln 2 is exact near u1 = 1, where ln u1 is smallest. */
+static inline float log_unit(uint32_t w) {
+    float n = (float)((w >> 8) + 1), m;
+    uint32_t bits;
+    memcpy(&bits, &n, sizeof bits);
+    int32_t e = (int32_t)((bits - 0x3f3504f3u) >> 23);  /* 0x3f3504f3: sqrt(1/2) */
+    bits -= (uint32_t)e << 23;
+    memcpy(&m, &bits, sizeof m);
+    float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    float atanh = s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 / 9))));
+    return (float)(e - 24) * 0.693147180560f + 2.0f * atanh;
+}
+
+/* cos and sin of theta = 2 pi u2 for u2 = (w >> 8) / 2^24: the nearest quarter turn q taken
+ * off exactly, the rest phi (|phi| <= pi / 4) by Taylor series (to phi^9 and phi^10), then
+ * rotated by q. */
+static inline void sincos_unit(uint32_t w, float *cos_out, float *sin_out) {
+    float u4 = (float)(w >> 8) * (4.0f / 16777216.0f), q = rintf(u4);
+    float f = (u4 - q) * 1.57079632679f, f2 = f * f;
+    float sn = f + f * f2 * (-1.0f / 6 + f2 * (1.0f / 120 + f2 * (-1.0f / 5040
+                                                                  + f2 * (1.0f / 362880))));
+    float cs = 1.0f + f2 * (-0.5f + f2 * (1.0f / 24 + f2 * (-1.0f / 720 + f2 * (1.0f / 40320
+                                                                              - f2 / 3628800))));
+    int k = (int)q & 3;
+    *cos_out = k == 0 ? cs : k == 1 ? -sn : k == 2 ? -cs : sn;
+    *sin_out = k == 0 ? sn : k == 1 ? cs : k == 2 ? -sn : -cs;
+}
+
 static void philox_block(uint32_t first, uint64_t row, uint64_t key, float *restrict out) {
     uint32_t a[PHILOX_BLOCK], b[PHILOX_BLOCK], c[PHILOX_BLOCK], d[PHILOX_BLOCK];
     for (int j = 0; j < PHILOX_BLOCK; j++) {
@@ -94,22 +129,19 @@ static void philox_block(uint32_t first, uint64_t row, uint64_t key, float *rest
         d[j] = 0;
     }
     philox_rounds(a, b, c, d, (uint32_t)key, (uint32_t)(key >> 32));
-    const float unit = 1.0f / 16777216.0f, turn = 6.28318530718f / 16777216.0f;
-    /* sin as cos(theta - pi/2): a sin and a cos of one angle become one sincos call, which
-     * the compiler does not vectorise */
 #pragma omp simd
     for (int j = 0; j < PHILOX_BLOCK; j++) {
-        float r = sqrtf(-2.0f * logf((float)((a[j] >> 8) + 1) * unit));
-        float theta = (float)(b[j] >> 8) * turn;
-        out[j] = r * cosf(theta);
-        out[PHILOX_BLOCK + j] = r * cosf(theta - 1.57079632679f);
+        float r = sqrtf(-2.0f * log_unit(a[j])), cs, sn;
+        sincos_unit(b[j], &cs, &sn);
+        out[j] = r * cs;
+        out[PHILOX_BLOCK + j] = r * sn;
     }
 #pragma omp simd
     for (int j = 0; j < PHILOX_BLOCK; j++) {
-        float r = sqrtf(-2.0f * logf((float)((c[j] >> 8) + 1) * unit));
-        float theta = (float)(d[j] >> 8) * turn;
-        out[2 * PHILOX_BLOCK + j] = r * cosf(theta);
-        out[3 * PHILOX_BLOCK + j] = r * cosf(theta - 1.57079632679f);
+        float r = sqrtf(-2.0f * log_unit(c[j])), cs, sn;
+        sincos_unit(d[j], &cs, &sn);
+        out[2 * PHILOX_BLOCK + j] = r * cs;
+        out[3 * PHILOX_BLOCK + j] = r * sn;
     }
 }
 
