@@ -12,9 +12,9 @@
  *   u1 = ((w >> 8) + 1) / 2^24 in (0, 1], u2 = (w >> 8) / 2^24.
  * The logarithm, cosine and sine are this file's own (log_unit, sincos_unit: vector code
  * without calls; 0.84 against 1.11 ns a normal with glibc's vector logf and cosf, one
- * thread); against double precision,
- * r cos theta and r sin theta are within 1e-6 for every one of the 2^24 values of u1 and of
- * u2 (checked exhaustively when written; the tests hold them to the plain-Python oracle). */
+ * thread): r cos theta and r sin theta are within 1e-6 of double precision for every one of
+ * the 2^24 values of u1 and of u2 (checked exhaustively when written; the tests hold them to
+ * the plain-Python oracle). */
 #ifndef ALFUSION_JITTER_H
 #define ALFUSION_JITTER_H
 #include <math.h>
