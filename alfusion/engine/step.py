@@ -230,7 +230,8 @@ class BankStep:
                  else probe_grads[i].contiguous() for i in used]
         state = [[ts[i] for i in used] for ts in (
             [self.bank.params[n] for n in self.names], self.exp_avgs, self.exp_avg_sqs)]
-        # probe g0 + k's views: row k of each tensor (a gradient in parts: its one probe's)
+        # probe g0 + k: row g0 + k of the bank's tensors, row k of the pass's gradients (one
+        # in parts is its one probe's as it is)
         if not extra and native.adamw_ready(*grads, *(t for ts in state for t in ts)):
             for k in range(g1 - g0):
                 p, m, v = ([t[g0 + k] for t in ts] for ts in state)
