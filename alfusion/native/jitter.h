@@ -45,7 +45,8 @@ static void philox_rounds(uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d, ui
 #ifdef __AVX512F__
     enum { N = PHILOX_BLOCK / 16 };
     __m512i va[N], vb[N], vc[N], vd[N];
-    const __m512i m0 = _mm512_set1_epi32((int)0xD2511F53u), m1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+    const __m512i m0 = _mm512_set1_epi32((int)0xD2511F53u),
+                  m1 = _mm512_set1_epi32((int)0xCD9E8D57u);
     for (int i = 0; i < N; i++) {
         va[i] = _mm512_loadu_si512(a + 16 * i);
         vb[i] = _mm512_loadu_si512(b + 16 * i);
