@@ -196,9 +196,9 @@ def adamw_ready(*tensors: torch.Tensor | GradParts) -> bool:
 
 
 def clipped_adamw(params: list[torch.Tensor], grads: list[torch.Tensor | GradParts],
-               exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
-               lr: float, wd: float, betas: tuple[float, float], eps: float,
-               max_norm: float) -> float:
+                  exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], step: int,
+                  lr: float, wd: float, betas: tuple[float, float], eps: float,
+                  max_norm: float) -> float:
     """One probe's clipping and AdamW step over its tensors (any shapes, matched by position),
     in one call (protocol.native_adamw gives it the protocol's settings): the gradients
     divided by max(1, (their total norm + 1e-6) / max_norm), then torch.optim.AdamW's update
